@@ -1,0 +1,1 @@
+"""drrik: streaming sparse-autoencoder training."""
