@@ -9,11 +9,12 @@ config classes because the CLI exposes them as flat flags (``--hook``, ``--conte
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from simple_parsing.helpers import Serializable
 
 from drrik.errors import require
+from drrik.sae.config import SAEConfig
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_HOOK = "blocks.12.hook_resid_post"
@@ -84,8 +85,6 @@ class DataConfig(Serializable):
     """Token placed between concatenated documents: bos, eos or none."""
     exclude_special_tokens: bool = True
     """Drop activations at BOS, EOS and pad positions from training batches."""
-    data_seed: int | None = None
-    """Shuffle seed for map-style datasets' document order; None keeps the file order."""
 
     def __post_init__(self) -> None:
         require(self.context_size >= 2, "context_size", self.context_size, "use at least 2 tokens")
@@ -149,3 +148,175 @@ class StoreConfig(Serializable):
             f"the buffer serves {served} tokens per refill, fewer than one training batch "
             f"({self.train_batch_size_tokens}); raise it or store_batch_size_prompts",
         )
+
+
+B_DEC_INITS = ("geometric_median", "mean", "zeros")
+NORMALIZATIONS = ("expected_average_only_in", "none")
+SWEEPABLE = ("k", "l1_coefficient", "expansion_factor", "d_sae", "architecture")
+
+
+def parse_sweep(spec: str) -> list[dict[str, str]]:
+    """``"k=16,32;l1_coefficient=1,2"`` -> the grid of settings, one dict per SAE."""
+    grid: list[dict[str, str]] = [{}]
+    for part in filter(None, (p.strip() for p in spec.split(";"))):
+        name, eq, values = part.partition("=")
+        name = name.strip().replace("-", "_")
+        require(
+            bool(eq) and name in SWEEPABLE,
+            "sweep",
+            spec,
+            f"write field=v1,v2;field2=... with fields from {SWEEPABLE}",
+        )
+        options = [v.strip() for v in values.split(",") if v.strip()]
+        require(bool(options), "sweep", spec, f"give at least one value for {name}")
+        grid = [{**g, name: v} for g in grid for v in options]
+    return grid
+
+
+@dataclass
+class TrainerConfig(Serializable):
+    """The optimization loop: budget, optimizer, schedules, initialization, dead features."""
+
+    training_tokens: int = 250_000
+    """Training budget in activations (tokens) served to each SAE."""
+    lr: float = 1e-3
+    """Adam learning rate."""
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.999
+    """Adam beta2."""
+    max_grad_norm: float = 1.0
+    """Clip each SAE's gradient norm to this; 0 turns clipping off."""
+    lr_scheduler_name: str = "constant"
+    """constant, cosineannealing or cosineannealingwarmrestarts (between warm-up and decay)."""
+    lr_warm_up_steps: int = 0
+    """Steps of linear learning-rate warm-up."""
+    lr_decay_steps: int = 0
+    """Final steps of linear decay to lr_end_fraction x lr."""
+    lr_end_fraction: float = 0.0
+    """Learning rate at the end of cosine/decay phases, as a fraction of lr."""
+    n_restart_cycles: int = 1
+    """Cycles of cosineannealingwarmrestarts."""
+    l1_warm_up_steps: int = 0
+    """Steps of linear warm-up of the sparsity coefficient (L1 or L0)."""
+    b_dec_init_method: str = "geometric_median"
+    """Decoder-bias initialization: geometric_median, mean or zeros."""
+    normalize_activations: str = "expected_average_only_in"
+    """expected_average_only_in scales inputs to norm sqrt(d_in) (folded at save) or none."""
+    dead_feature_window: int = 100_000
+    """A feature that has not fired for this many tokens counts as dead."""
+    resample_every_tokens: int = 0
+    """Resample dead features every this many tokens (0: never)."""
+    seed: int = 42
+    """Seed for SAE initialization, buffer shuffles and sampling."""
+    autocast: bool = False
+    """bf16 autocast for the SAE forward/backward (GPU)."""
+    compile_sae: bool = False
+    """torch.compile the SAE training step."""
+    log_every_steps: int = 10
+    """Read metrics to the host, log and check for NaN every this many steps."""
+    sweep: str = ""
+    """Several SAEs from one stream: "k=16,32,64" or "l1_coefficient=1,3;expansion_factor=4,8"."""
+
+    def __post_init__(self) -> None:
+        for name in ("training_tokens", "log_every_steps"):
+            require(getattr(self, name) > 0, name, getattr(self, name), "use a positive number")
+        for name in (
+            "lr",
+            "max_grad_norm",
+            "lr_warm_up_steps",
+            "lr_decay_steps",
+            "l1_warm_up_steps",
+            "dead_feature_window",
+            "resample_every_tokens",
+        ):
+            value = getattr(self, name)
+            require(value >= 0, name, value, "use a value >= 0")
+        require(self.lr > 0, "lr", self.lr, "use a positive learning rate")
+        for name in ("adam_beta1", "adam_beta2"):
+            value = getattr(self, name)
+            require(0 <= value < 1, name, value, "use a value in [0, 1)")
+        require(
+            self.b_dec_init_method in B_DEC_INITS,
+            "b_dec_init_method",
+            self.b_dec_init_method,
+            f"use one of {B_DEC_INITS}",
+        )
+        require(
+            self.normalize_activations in NORMALIZATIONS,
+            "normalize_activations",
+            self.normalize_activations,
+            f"use one of {NORMALIZATIONS}",
+        )
+        parse_sweep(self.sweep)
+
+
+@dataclass
+class EvalConfig(Serializable):
+    """Held-out evaluation: reconstruction, sparsity and downstream CE/KL metrics."""
+
+    eval_every_tokens: int = 0
+    """Evaluate every this many training tokens (0: only at the end)."""
+    eval_contexts: int = 64
+    """Held-out contexts per evaluation (the same ones every time)."""
+    eval_batch_size_prompts: int = 16
+    """Contexts per forward pass during evaluation."""
+    dense_threshold: float = 0.1
+    """A feature firing on more than this fraction of tokens counts as dense."""
+
+    def __post_init__(self) -> None:
+        require(self.eval_every_tokens >= 0, "eval_every_tokens", self.eval_every_tokens, ">= 0")
+        for name in ("eval_contexts", "eval_batch_size_prompts"):
+            require(getattr(self, name) > 0, name, getattr(self, name), "use a positive number")
+        require(
+            0 < self.dense_threshold <= 1,
+            "dense_threshold",
+            self.dense_threshold,
+            "use a fraction in (0, 1]",
+        )
+
+
+@dataclass
+class RunConfig(Serializable):
+    """Everything one ``drrik train`` run needs; saved as ``config.yaml`` in the run directory."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    sae: SAEConfig = field(default_factory=SAEConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    out: str = ""
+    """Run directory; empty picks runs/<model>-<architecture>-<date-time>."""
+
+    def __post_init__(self) -> None:
+        require(
+            self.trainer.training_tokens >= self.store.train_batch_size_tokens,
+            "training_tokens",
+            self.trainer.training_tokens,
+            f"the budget is smaller than one batch ({self.store.train_batch_size_tokens} tokens); "
+            "raise training_tokens or lower train_batch_size_tokens",
+        )
+        self.store.check_fits(self.data.context_size)
+        for setting in parse_sweep(self.trainer.sweep):
+            self.sae_configs_for(setting)  # each swept SAE config must validate too
+
+    def sae_configs_for(self, setting: dict[str, str]) -> SAEConfig:
+        """The SAE config with one sweep setting applied (and validated)."""
+        values = self.sae.to_dict()
+        for name, raw in setting.items():
+            current = getattr(self.sae, name)
+            values[name] = (
+                raw
+                if name == "architecture"
+                else (
+                    float(raw)
+                    if isinstance(current, float) or name == "l1_coefficient"
+                    else int(raw)
+                )
+            )
+        if "d_sae" in setting:
+            values["expansion_factor"] = None
+        if "expansion_factor" in setting:
+            values["d_sae"] = None
+        return SAEConfig(**values)

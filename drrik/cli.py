@@ -1,0 +1,124 @@
+"""The ``drrik`` command: ``drrik train``, ``drrik eval``.
+
+Every config field is a flag (``drrik train --help``) and ``--config FILE.yaml`` loads the same
+fields from YAML (flags win). Bad input ends with one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from simple_parsing import ArgumentParser, DashVariant
+
+from drrik.config import DataConfig, EvalConfig, ModelConfig, RunConfig
+from drrik.errors import ConfigError, require
+
+Command = Callable[[list[str]], int]
+
+
+def train_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="drrik train",
+        description="Train sparse autoencoders on a model's activations, streamed.",
+        add_option_string_dash_variants=DashVariant.DASH,
+        add_config_path_arg="config",
+    )
+    parser.add_arguments(RunConfig, dest="cfg")
+    return parser
+
+
+def cmd_train(argv: list[str]) -> int:
+    from drrik.trainer import Trainer, TrainingDiverged
+
+    cfg = train_parser().parse_args(argv).cfg
+    try:
+        Trainer(cfg).fit()
+    except TrainingDiverged as exc:
+        print(f"drrik train: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _saved_sae_dir(path: Path) -> Path:
+    """A run directory's final SAE, or the SAE directory itself."""
+    for candidate in (path / "final", path):
+        if (candidate / "cfg.json").is_file():
+            return candidate
+    raise ConfigError("DIR", str(path), "expected a run directory or a saved SAE (cfg.json)")
+
+
+def cmd_eval(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="drrik eval", description="Evaluate a saved SAE on held-out text."
+    )
+    parser.add_argument("dir", type=Path, help="run directory or saved SAE directory")
+    parser.add_argument("--model", help="model (default: the one the SAE was trained on)")
+    parser.add_argument("--dataset", help="dataset (default: the training dataset)")
+    parser.add_argument("--eval-split", help="split to evaluate on (default: held-out rows)")
+    parser.add_argument("--eval-contexts", type=int, default=64)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from drrik.data import ContextStream, SpecialTokens, load_source
+    from drrik.evaluate import EvalTarget, evaluate, held_out_contexts
+    from drrik.model import check_hooks, load_model
+    from drrik.sae import load_sae
+    from drrik.trainer import format_metrics
+
+    sae_dir = _saved_sae_dir(args.dir)
+    meta = json.loads((sae_dir / "cfg.json").read_text()).get("metadata", {})
+    model_name = args.model or meta.get("model_name")
+    require(bool(model_name), "model", model_name, "the SAE names no model; pass --model")
+    model_cfg = ModelConfig(model=model_name, hook=meta.get("hook_name", ""), device=args.device)
+    data_cfg = DataConfig(
+        dataset=args.dataset or meta.get("dataset_path", "drrik-offline"),
+        eval_split=args.eval_split,
+        context_size=int(meta.get("context_size", 128)),
+        prepend_bos=bool(meta.get("prepend_bos", True)),
+    )
+    eval_cfg = EvalConfig(eval_contexts=args.eval_contexts)
+    sae = load_sae(sae_dir, device=args.device)
+    model = load_model(model_cfg.model, device=args.device, dtype=model_cfg.model_dtype)
+    check_hooks(model, model_cfg.hook_names)
+    dataset = load_source(data_cfg, args.eval_split)
+    holdout = "all" if args.eval_split else "eval"
+    stream = ContextStream(dataset, model.tokenizer, data_cfg, holdout=holdout, cycle=False)
+    contexts = held_out_contexts(stream, eval_cfg.eval_contexts, eval_cfg.eval_batch_size_prompts)
+    exclude = torch.tensor(SpecialTokens.of(model.tokenizer).ids(), dtype=torch.long)
+    target = EvalTarget(sae_dir.name, model_cfg.hook_names[0], sae)
+    metrics, _ = evaluate(model, [target], contexts, exclude, eval_cfg.dense_threshold)
+    if args.json:
+        print(json.dumps(metrics[target.name], indent=2))
+    else:
+        print(format_metrics(metrics))
+    return 0
+
+
+COMMANDS: dict[str, Command] = {"train": cmd_train, "eval": cmd_eval}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        known = ", ".join(COMMANDS)
+        print(f"usage: drrik {{{known}}} [options]   (drrik COMMAND --help for details)")
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except ConfigError as exc:
+        print(f"drrik {argv[0]}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"drrik {argv[0]}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""Held-out evaluation of SAEs: reconstruction, sparsity and downstream next-token loss.
+
+Definitions (every mean is over the evaluated tokens, special-token positions excluded):
+
+- ``mse``: mean squared error per activation element, in the model's raw units.
+- ``explained_variance``: 1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2, with mean(x) over all
+  evaluated tokens; ``fvu`` (fraction of variance unexplained) is 1 - explained_variance.
+- ``l0``: active features per token; ``l1``: sum of feature activations per token.
+- ``cosine_similarity``: mean cos(x, x_hat); ``l2_ratio``: mean ||x_hat|| / ||x||.
+- ``dead_features`` fire on no evaluated token; ``dense_features`` on more than
+  ``dense_threshold`` of them; ``feature_density`` is each feature's firing fraction.
+- ``ce_loss_clean``, ``ce_loss_with_sae`` (hook output replaced by the reconstruction),
+  ``ce_loss_zero_ablated`` (hook output replaced by zeros): next-token cross-entropy;
+  ``ce_loss_recovered`` = (ablated - with_sae) / (ablated - clean), 1 is perfect.
+- ``kl_div_with_sae``: mean KL(clean next-token distribution || distribution with the SAE).
+
+Only non-special positions are replaced: the BOS position's activation is an outlier SAEs are
+not trained on, and replacing it would measure that instead of the SAE.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from drrik.data import ContextStream
+from drrik.errors import require
+from drrik.sae import SAE
+
+
+def held_out_contexts(
+    stream: ContextStream, n_contexts: int, batch_size: int
+) -> list[torch.Tensor]:
+    """The first ``n_contexts`` contexts of a finite stream, in batches: the same every eval."""
+    batches: list[torch.Tensor] = []
+    n = 0
+    for batch in stream.batches(batch_size):
+        batches.append(batch[: n_contexts - n])
+        n += batches[-1].shape[0]
+        if n >= n_contexts:
+            break
+    require(
+        n > 0,
+        "dataset",
+        stream.cfg.dataset,
+        "its held-out part gives no full context to evaluate on; add data, lower "
+        "holdout_every or context_size, or set eval_split",
+    )
+    return batches
+
+
+@dataclass
+class EvalTarget:
+    """One SAE to evaluate: where it reads, and the input scale it was trained with."""
+
+    name: str
+    hook: str
+    sae: SAE
+    scale: float = 1.0
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(feature activations, reconstruction) for raw activations ``x``, in raw units."""
+        feats = self.sae.encode(x.float() * self.scale)
+        return feats, self.sae.decode(feats) / self.scale
+
+
+@dataclass
+class _Sums:
+    """Running sums from which every metric is derived at the end."""
+
+    d_sae: int
+    n: int = 0
+    sq_err: float = 0.0
+    sum_x: torch.Tensor | None = None
+    sum_sq_x: float = 0.0
+    l0: float = 0.0
+    l1: float = 0.0
+    cos: float = 0.0
+    l2_ratio: float = 0.0
+    fires: torch.Tensor | None = None
+    ce_sae: float = 0.0
+    ce_ablated: float = 0.0
+    kl: float = 0.0
+    elements: int = 0
+
+    def add(self, x: torch.Tensor, feats: torch.Tensor, x_hat: torch.Tensor) -> None:
+        x = x.float()
+        self.n += x.shape[0]
+        self.elements += x.numel()
+        self.sq_err += float((x - x_hat).pow(2).sum())
+        self.sum_x = x.sum(0) if self.sum_x is None else self.sum_x + x.sum(0)
+        self.sum_sq_x += float(x.pow(2).sum())
+        active = feats > 0
+        self.l0 += float(active.sum())
+        self.l1 += float(feats.abs().sum())
+        self.cos += float(F.cosine_similarity(x, x_hat, dim=-1).sum())
+        self.l2_ratio += float((x_hat.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-8)).sum())
+        counts = active.sum(0)
+        self.fires = counts if self.fires is None else self.fires + counts
+
+
+def _next_token_ce(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Per-position cross-entropy of predicting token t+1, ``[batch, ctx-1]``."""
+    logp = logits[:, :-1].float().log_softmax(-1)
+    return -logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)
+
+
+def _replace(new: torch.Tensor) -> Any:
+    """A hook function that swaps the hooked activation for ``new``."""
+    return lambda act, hook: new
+
+
+@torch.no_grad()
+def evaluate(
+    model: Any,
+    targets: list[EvalTarget],
+    contexts: Iterable[torch.Tensor],
+    exclude_ids: torch.Tensor,
+    dense_threshold: float = 0.1,
+) -> tuple[dict[str, dict[str, float]], dict[str, torch.Tensor]]:
+    """Metrics per SAE name, and each SAE's feature density, over batches of ``contexts``."""
+    device = next(model.parameters()).device
+    sums = {t.name: _Sums(t.sae.d_sae) for t in targets}
+    hooks = sorted({t.hook for t in targets})
+    ce_clean, positions = 0.0, 0
+    for tokens in contexts:
+        tokens = tokens.to(device)
+        keep = ~torch.isin(tokens, exclude_ids.to(device))
+        logits, cache = model.run_with_cache(tokens, names_filter=hooks, return_cache_object=False)
+        ce = _next_token_ce(logits, tokens)
+        ce_clean += float(ce.sum())
+        positions += ce.numel()
+        clean_logp = logits[:, :-1].float().log_softmax(-1)
+        del logits
+        for target in targets:
+            acts = cache[target.hook]
+            feats, x_hat = target.reconstruct(acts[keep])
+            s = sums[target.name]
+            s.add(acts[keep], feats, x_hat)
+            spliced = acts.clone()
+            spliced[keep] = x_hat.to(acts.dtype)
+            ablated = acts.clone()
+            ablated[keep] = 0
+            sae_logits = model.run_with_hooks(tokens, fwd_hooks=[(target.hook, _replace(spliced))])
+            s.ce_sae += float(_next_token_ce(sae_logits, tokens).sum())
+            sae_logp = sae_logits[:, :-1].float().log_softmax(-1)
+            s.kl += float((clean_logp.exp() * (clean_logp - sae_logp)).sum())
+            del sae_logits, sae_logp
+            abl_logits = model.run_with_hooks(tokens, fwd_hooks=[(target.hook, _replace(ablated))])
+            s.ce_ablated += float(_next_token_ce(abl_logits, tokens).sum())
+            del abl_logits
+    return _finish(sums, ce_clean, positions, dense_threshold)
+
+
+def _finish(
+    sums: dict[str, _Sums], ce_clean: float, positions: int, dense_threshold: float
+) -> tuple[dict[str, dict[str, float]], dict[str, torch.Tensor]]:
+    metrics, densities = {}, {}
+    clean = ce_clean / max(positions, 1)
+    for name, s in sums.items():
+        n = max(s.n, 1)
+        mean_x = s.sum_x / n if s.sum_x is not None else torch.zeros(1)
+        total_var = s.sum_sq_x - n * float(mean_x.pow(2).sum())
+        ev = 1.0 - s.sq_err / total_var if total_var > 0 else 0.0
+        density = (s.fires.float() / n) if s.fires is not None else torch.zeros(s.d_sae)
+        ce_sae, ce_abl = s.ce_sae / max(positions, 1), s.ce_ablated / max(positions, 1)
+        gap = ce_abl - clean
+        metrics[name] = {
+            "mse": s.sq_err / max(s.elements, 1),
+            "explained_variance": ev,
+            "fvu": 1.0 - ev,
+            "l0": s.l0 / n,
+            "l1": s.l1 / n,
+            "cosine_similarity": s.cos / n,
+            "l2_ratio": s.l2_ratio / n,
+            "dead_features": int((density == 0).sum()),
+            "dense_features": int((density > dense_threshold).sum()),
+            "ce_loss_clean": clean,
+            "ce_loss_with_sae": ce_sae,
+            "ce_loss_zero_ablated": ce_abl,
+            "ce_loss_recovered": (ce_abl - ce_sae) / gap if gap > 0 else 0.0,
+            "kl_div_with_sae": s.kl / max(positions, 1),
+            "eval_tokens": s.n,
+        }
+        densities[name] = density.cpu()
+    return metrics, densities

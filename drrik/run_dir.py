@@ -1,0 +1,125 @@
+"""The run directory: its layout, the saved config, and the metrics log.
+
+Layout: ``config.yaml`` (the full config used), ``metrics.jsonl`` (one JSON object per logging
+step and SAE), ``final/`` (the saved SAE; ``final/<name>/`` per SAE when a run trains several).
+A directory that holds a run of a different config is refused, never overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from drrik.config import RunConfig
+from drrik.errors import ConfigError
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+FINAL_DIR = "final"
+
+
+def default_run_name(cfg: RunConfig) -> str:
+    model = Path(cfg.model.model).name.replace(".gguf", "")
+    return f"runs/{model}-{cfg.sae.architecture}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``, to list config differences by field."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def config_differences(
+    old: dict[str, Any], new: dict[str, Any], allowed: tuple[str, ...] = ()
+) -> list[str]:
+    """Fields whose values differ between two config dicts, ignoring ``allowed`` ones."""
+    a, b = flatten(old), flatten(new)
+    return [
+        f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k) and k not in allowed
+    ]
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a small file so that readers see either the old or the new content."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class RunDir:
+    """Paths of one run and the rules for (re)using its directory."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.config_path = self.path / CONFIG_FILE
+        self.metrics_path = self.path / METRICS_FILE
+        self.final_path = self.path / FINAL_DIR
+
+    def saved_config(self) -> dict[str, Any] | None:
+        if not self.config_path.is_file():
+            return None
+        with open(self.config_path) as f:
+            return yaml.safe_load(f)
+
+    def check_reusable(self, cfg: RunConfig) -> None:
+        """Refuse a non-empty directory that is not a run of this same config."""
+        if not self.path.exists() or not any(self.path.iterdir()):
+            return
+        saved = self.saved_config()
+        if saved is None:
+            raise ConfigError(
+                "out",
+                str(self.path),
+                "the directory is not empty and holds no drrik run; choose a new --out",
+            )
+        differences = config_differences(saved, _comparable(cfg))
+        if differences:
+            raise ConfigError(
+                "out",
+                str(self.path),
+                "it holds a run of a different config ("
+                + "; ".join(differences[:6])
+                + "); choose a new --out",
+            )
+
+    def write_config(self, cfg: RunConfig) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        text = yaml.safe_dump(_comparable(cfg), sort_keys=True)
+        write_text_atomic(self.config_path, text)
+
+    def append_metrics(self, rows: list[dict[str, Any]]) -> None:
+        """Append rows to metrics.jsonl and flush them to disk (a watcher may be tailing it)."""
+        with open(self.metrics_path, "a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics_path.is_file():
+            return []
+        with open(self.metrics_path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+
+def _comparable(cfg: RunConfig) -> dict[str, Any]:
+    """The config as saved: every field except the run directory itself."""
+    tree = cfg.to_dict()
+    tree.pop("out", None)
+    return tree

@@ -1,0 +1,46 @@
+"""Sparse autoencoders: one interface (:class:`SAE`), one file per architecture.
+
+Adding an architecture = a new module with an ``@register``-ed :class:`SAE` subclass, imported
+below, and its name added to ``KNOWN_ARCHITECTURES`` in :mod:`drrik.sae.config`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from drrik.sae import batchtopk, gated, jumprelu, relu, topk  # noqa: F401  (registration)
+from drrik.sae.base import ARCHITECTURES, SAE, TrainOutput, register
+from drrik.sae.batchtopk import BatchTopKSAE
+from drrik.sae.config import KNOWN_ARCHITECTURES, SAEConfig
+from drrik.sae.dead_features import DeadFeatureTracker, resample_dead_features
+from drrik.sae.gated import GatedSAE
+from drrik.sae.jumprelu import JumpReLUSAE
+from drrik.sae.relu import ReLUSAE
+from drrik.sae.saving import load_sae, load_sparsity, save_sae
+from drrik.sae.topk import TopKSAE
+
+
+def build_sae(cfg: SAEConfig, device: torch.device | str | None = None) -> SAE:
+    """Build a freshly initialized SAE for ``cfg`` (seed torch first for reproducibility)."""
+    return SAE.from_config(cfg, device=device)
+
+
+__all__ = [
+    "ARCHITECTURES",
+    "KNOWN_ARCHITECTURES",
+    "SAE",
+    "BatchTopKSAE",
+    "DeadFeatureTracker",
+    "GatedSAE",
+    "JumpReLUSAE",
+    "ReLUSAE",
+    "SAEConfig",
+    "TopKSAE",
+    "TrainOutput",
+    "build_sae",
+    "load_sae",
+    "load_sparsity",
+    "register",
+    "resample_dead_features",
+    "save_sae",
+]

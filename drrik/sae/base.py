@@ -1,0 +1,225 @@
+"""The one SAE interface every architecture implements, and the registry of architectures.
+
+Layout follows SAELens so saved SAEs load there: ``W_enc [d_in, d_sae]``,
+``W_dec [d_sae, d_in]``, ``b_enc [d_sae]``, ``b_dec [d_in]``.
+
+Loss convention: reconstruction error is the squared L2 norm summed over ``d_in`` and
+averaged over the batch; sparsity terms are summed over features and averaged over the batch.
+Both sides of the trade-off then scale the same way with width, so a coefficient tuned at one
+``d_in`` means the same at another (averaging the MSE over ``d_in`` while summing the L1 made
+the first drrik's coefficient depend on ``d_in``).
+
+Nothing in the training path reads a value back to the host (no ``.item()``, no
+data-dependent Python branches), so a GPU step never stalls on a sync.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from drrik.errors import require
+from drrik.sae.config import SAEConfig
+
+DECODER_INIT_NORM = 0.1
+"""Initial decoder-row norm when rows are not held at unit norm (Anthropic, April 2024)."""
+
+
+@dataclass
+class TrainOutput:
+    """What one training forward pass returns.
+
+    ``losses`` holds the terms exactly as they enter ``loss`` (already multiplied by their
+    coefficients), so ``sum(losses.values()) == loss``. All are scalar tensors on device.
+    """
+
+    loss: Tensor
+    losses: dict[str, Tensor]
+    feature_acts: Tensor
+    x_hat: Tensor
+
+
+class SAE(nn.Module):
+    """Base sparse autoencoder: linear encoder, architecture-specific activation, linear decoder.
+
+    Subclasses set ``architecture`` / ``saelens_architecture``, implement :meth:`encode` and
+    :meth:`training_forward`, and override the ``_``-prefixed hooks when they own extra
+    per-feature parameters (JumpReLU thresholds, gated magnitudes).
+    """
+
+    architecture: ClassVar[str]
+    saelens_architecture: ClassVar[str]
+
+    def __init__(self, cfg: SAEConfig, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        cfg.check_buildable()
+        self.cfg = cfg
+        self.d_in = cfg.d_in
+        self.d_sae = cfg.resolved_d_sae()
+        self.normalize_decoder = cfg.resolved_normalize_decoder()
+        dtype = cfg.torch_dtype()
+        # Drawn on CPU in float32 so one seed gives the same SAE on every device and dtype.
+        directions = torch.randn(self.d_sae, self.d_in)
+        directions /= directions.norm(dim=1, keepdim=True)
+        W_dec = directions * (1.0 if self.normalize_decoder else DECODER_INIT_NORM)
+        self.W_dec = nn.Parameter(W_dec.to(device=device, dtype=dtype))
+        self.W_enc = nn.Parameter(W_dec.T.contiguous().to(device=device, dtype=dtype))
+        self.b_enc = nn.Parameter(torch.zeros(self.d_sae, device=device, dtype=dtype))
+        self.b_dec = nn.Parameter(torch.zeros(self.d_in, device=device, dtype=dtype))
+
+    # ---- forward --------------------------------------------------------------------------
+
+    def sae_in(self, x: Tensor) -> Tensor:
+        """The encoder's input: ``x`` in the SAE's dtype, minus ``b_dec`` when configured."""
+        x = x.to(self.W_enc.dtype)
+        return x - self.b_dec if self.cfg.apply_b_dec_to_input else x
+
+    def pre_acts(self, x: Tensor) -> Tensor:
+        """Encoder pre-activations ``(x - b_dec) @ W_enc + b_enc``."""
+        return self.sae_in(x) @ self.W_enc + self.b_enc
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Feature activations ``[..., d_sae]`` for inputs ``[..., d_in]``."""
+        raise NotImplementedError
+
+    def decode(self, feature_acts: Tensor) -> Tensor:
+        """Reconstruction ``feature_acts @ W_dec + b_dec``."""
+        return feature_acts @ self.W_dec + self.b_dec
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Reconstruction of ``x``."""
+        return self.decode(self.encode(x))
+
+    def training_forward(
+        self,
+        x: Tensor,
+        sparsity_coefficient: float | Tensor,
+        dead_mask: Tensor | None = None,
+    ) -> TrainOutput:
+        """Loss and activations for one batch ``x [batch, d_in]``.
+
+        ``dead_mask [d_sae]`` (bool) marks dead features for the auxiliary losses that
+        revive them (ghost grads, AuxK); ``None`` turns those losses off.
+        """
+        raise NotImplementedError
+
+    @staticmethod
+    def mse(x_hat: Tensor, x: Tensor) -> Tensor:
+        """Squared error summed over ``d_in``, averaged over the batch."""
+        return (x_hat - x.to(x_hat.dtype)).pow(2).sum(dim=-1).mean()
+
+    def decoder_norms(self) -> Tensor:
+        """L2 norm of each decoder row, ``[d_sae]``."""
+        return self.W_dec.norm(dim=1)
+
+    # ---- decoder-norm constraint -----------------------------------------------------------
+
+    @torch.no_grad()
+    def remove_parallel_decoder_grad(self) -> None:
+        """Project out the part of ``W_dec.grad`` parallel to each decoder row.
+
+        Call after ``backward`` and *before* ``optimizer.step()``: that component would only
+        change row norms, which :meth:`normalize_decoder_rows` undoes anyway, and it would
+        pollute Adam's moments. No-op when rows are not held at unit norm.
+        """
+        grad = self.W_dec.grad
+        if not self.normalize_decoder or grad is None:
+            return
+        unit = self.W_dec / self.decoder_norms().clamp_min(1e-12)[:, None]
+        grad.sub_((grad * unit).sum(dim=1, keepdim=True) * unit)
+
+    @torch.no_grad()
+    def normalize_decoder_rows(self) -> None:
+        """Rescale decoder rows to unit norm; call after ``optimizer.step()``.
+
+        No-op when the architecture keeps rows free (decoder-norm-weighted sparsity).
+        """
+        if self.normalize_decoder:
+            self.W_dec.div_(self.decoder_norms().clamp_min(1e-12)[:, None])
+
+    # ---- folding ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def fold_activation_scale(self, scale: float) -> None:
+        """Turn an SAE trained on ``x * scale`` into one for raw ``x``, exactly.
+
+        Afterwards ``new(x) == old(x * scale) / scale``. Feature activations shrink by
+        ``scale`` (they are now in raw-activation units) while decoder rows keep their norm,
+        so a unit-norm decoder stays unit-norm: every encoder bias and threshold is divided by
+        ``scale``, weights stay.
+        """
+        require(math.isfinite(scale) and scale > 0, "scale", scale, "use a finite scale > 0")
+        self.b_enc.div_(scale)
+        self.b_dec.div_(scale)
+        self._fold_scale_extras(scale)
+
+    def _fold_scale_extras(self, scale: float) -> None:
+        """Divide architecture-specific biases/thresholds by ``scale``."""
+
+    # ---- per-feature parameters (resampling) -----------------------------------------------
+
+    def feature_params(self) -> list[tuple[nn.Parameter, int]]:
+        """Every parameter with a per-feature axis, and that axis (for resampling)."""
+        return [(self.W_enc, 1), (self.W_dec, 0), (self.b_enc, 0)]
+
+    def _reset_feature_extras(self, mask: Tensor) -> None:
+        """Reset architecture-specific per-feature parameters of features in ``mask``."""
+
+    # ---- SAELens layout --------------------------------------------------------------------
+
+    def saelens_tensors(self) -> dict[str, Tensor]:
+        """Tensors to write to ``sae_weights.safetensors``, named as SAELens expects."""
+        return {
+            "W_enc": self.W_enc.detach(),
+            "W_dec": self.W_dec.detach(),
+            "b_enc": self.b_enc.detach(),
+            "b_dec": self.b_dec.detach(),
+        }
+
+    def saelens_cfg_extras(self) -> dict[str, Any]:
+        """Architecture-specific keys for SAELens's ``cfg.json``."""
+        return {}
+
+    @torch.no_grad()
+    def load_saelens_tensors(self, tensors: dict[str, Tensor]) -> None:
+        """Inverse of :meth:`saelens_tensors`."""
+        for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+            getattr(self, name).copy_(tensors[name])
+
+    def save(
+        self,
+        directory: str | Path,
+        sparsity: Tensor | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Path:
+        """Write the SAE atomically in SAELens's directory layout; see :mod:`drrik.sae.saving`."""
+        from drrik.sae.saving import save_sae
+
+        return save_sae(self, directory, sparsity=sparsity, metadata=metadata)
+
+    @classmethod
+    def load(cls, directory: str | Path, device: torch.device | str | None = None) -> SAE:
+        """Load an SAE written by :meth:`save` (or by SAELens) as the right subclass."""
+        from drrik.sae.saving import load_sae
+
+        return load_sae(directory, device=device)
+
+    @classmethod
+    def from_config(cls, cfg: SAEConfig, device: torch.device | str | None = None) -> SAE:
+        """Build the registered class for ``cfg.architecture``."""
+        return ARCHITECTURES[cfg.architecture](cfg, device=device)
+
+
+ARCHITECTURES: dict[str, type[SAE]] = {}
+"""Registry: architecture name -> SAE subclass. Filled by :func:`register`."""
+
+
+def register(sae_cls: type[SAE]) -> type[SAE]:
+    """Class decorator adding an architecture to :data:`ARCHITECTURES`."""
+    ARCHITECTURES[sae_cls.architecture] = sae_cls
+    return sae_cls

@@ -1,0 +1,170 @@
+"""The SAE's own configuration: architecture, size, loss coefficients.
+
+One flat dataclass for every architecture, so the CLI exposes each field once
+(``--d-sae``, ``--k``, ``--l1-coefficient``). Fields an architecture does not use keep their
+defaults; combinations that cannot work are refused in ``__post_init__`` with a one-line
+:class:`~drrik.errors.ConfigError`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from simple_parsing.helpers import Serializable
+
+from drrik.errors import require
+
+KNOWN_ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu", "gated")
+DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+DEFAULT_EXPANSION_FACTOR = 8
+
+
+@dataclass
+class SAEConfig(Serializable):
+    """Shape, architecture and loss of one sparse autoencoder."""
+
+    architecture: str = "relu"
+    """SAE architecture: relu, topk, batchtopk, jumprelu or gated."""
+
+    d_in: int = 0
+    """Input width; 0 means 'take it from the model's hook at run time'."""
+
+    d_sae: int | None = None
+    """Number of features; set this or expansion_factor, not both."""
+
+    expansion_factor: int | None = None
+    """d_sae = expansion_factor * d_in when d_sae is not set (8 when neither is set)."""
+
+    k: int | None = None
+    """Active features per token for topk; average active features per token for batchtopk."""
+
+    l1_coefficient: float = 5.0
+    """Sparsity coefficient: L1 weight for relu/gated, L0 weight for jumprelu; unused by topk."""
+
+    scale_sparsity_by_decoder_norm: bool = True
+    """Weight each feature's L1 by its decoder-row norm (Anthropic, April 2024)."""
+
+    normalize_decoder: bool | None = None
+    """Keep decoder rows at unit norm; unset = the architecture's default (see docs)."""
+
+    apply_b_dec_to_input: bool = True
+    """Subtract b_dec from the input before encoding."""
+
+    jumprelu_init_threshold: float = 0.001
+    """JumpReLU: initial threshold of every feature."""
+
+    jumprelu_bandwidth: float = 0.001
+    """JumpReLU: width of the rectangle kernel in the straight-through estimator."""
+
+    aux_k_coefficient: float = 1 / 32
+    """TopK/BatchTopK: weight of the AuxK loss that lets dead features model the residual."""
+
+    aux_k: int | None = None
+    """TopK/BatchTopK: dead features used by AuxK; unset = d_in // 2 (OpenAI, 2024)."""
+
+    use_ghost_grads: bool = False
+    """ReLU only: ghost gradients for dead features."""
+
+    batchtopk_threshold_momentum: float = 0.99
+    """BatchTopK: EMA momentum of the inference threshold (min kept activation per batch)."""
+
+    dtype: str = "float32"
+    """Parameter dtype: float32, float64, bfloat16 or float16."""
+
+    def __post_init__(self) -> None:
+        known = ", ".join(KNOWN_ARCHITECTURES)
+        require(
+            self.architecture in KNOWN_ARCHITECTURES,
+            "architecture",
+            self.architecture,
+            f"use one of {known}",
+        )
+        require(self.d_in >= 0, "d_in", self.d_in, "use a positive width (or 0 = from the model)")
+        require(
+            self.d_sae is None or self.expansion_factor is None,
+            "d_sae",
+            self.d_sae,
+            "set either d_sae or expansion_factor, not both",
+        )
+        require(self.d_sae is None or self.d_sae > 0, "d_sae", self.d_sae, "use a positive int")
+        require(
+            self.expansion_factor is None or self.expansion_factor > 0,
+            "expansion_factor",
+            self.expansion_factor,
+            "use a positive int",
+        )
+        if self.architecture in ("topk", "batchtopk"):
+            require(
+                self.k is not None,
+                "k",
+                self.k,
+                f"{self.architecture} needs k (active features per token), e.g. --k 32",
+            )
+        require(self.k is None or self.k > 0, "k", self.k, "use a positive int")
+        require(self.aux_k is None or self.aux_k > 0, "aux_k", self.aux_k, "use a positive int")
+        for name in ("l1_coefficient", "aux_k_coefficient"):
+            value = getattr(self, name)
+            require(value >= 0, name, value, "use a coefficient >= 0")
+        for name in ("jumprelu_init_threshold", "jumprelu_bandwidth"):
+            value = getattr(self, name)
+            require(value > 0, name, value, "use a value > 0")
+        require(
+            0.0 <= self.batchtopk_threshold_momentum < 1.0,
+            "batchtopk_threshold_momentum",
+            self.batchtopk_threshold_momentum,
+            "use a momentum in [0, 1)",
+        )
+        require(
+            not self.use_ghost_grads or self.architecture == "relu",
+            "use_ghost_grads",
+            self.use_ghost_grads,
+            f"ghost grads exist for architecture=relu only, not {self.architecture}",
+        )
+        require(self.dtype in DTYPES, "dtype", self.dtype, f"use one of {', '.join(DTYPES)}")
+
+    def resolved_d_sae(self) -> int:
+        """Number of features: d_sae, else expansion_factor * d_in (8x when neither is set)."""
+        if self.d_sae is not None:
+            return self.d_sae
+        require(self.d_in > 0, "d_in", self.d_in, "set d_in (or d_sae) before sizing the SAE")
+        return (self.expansion_factor or DEFAULT_EXPANSION_FACTOR) * self.d_in
+
+    def resolved_normalize_decoder(self) -> bool:
+        """Whether decoder rows are held at unit norm.
+
+        Default: topk, batchtopk and jumprelu normalize (their sparsity terms ignore decoder
+        norms, so unit rows only remove a scale ambiguity). relu and gated normalize only when
+        the L1 is *not* weighted by decoder norms; with the weighted L1 (April 2024 recipe) the
+        penalty already removes the incentive to grow rows, so rows stay free.
+        """
+        if self.normalize_decoder is not None:
+            return self.normalize_decoder
+        if self.architecture in ("relu", "gated"):
+            return not self.scale_sparsity_by_decoder_norm
+        return True
+
+    def resolved_aux_k(self) -> int:
+        """Dead features the AuxK loss may use: aux_k, else d_in // 2, at most d_sae."""
+        aux_k = self.aux_k if self.aux_k is not None else max(self.d_in // 2, 1)
+        return min(aux_k, self.resolved_d_sae())
+
+    def torch_dtype(self) -> torch.dtype:
+        """The parameter dtype as a torch dtype."""
+        return DTYPES[self.dtype]
+
+    def check_buildable(self) -> None:
+        """Checks that need d_in; run when the SAE is built, after the trainer fills d_in."""
+        require(self.d_in > 0, "d_in", self.d_in, "set d_in (the hook's width) before building")
+        d_sae = self.resolved_d_sae()
+        require(
+            self.k is None or self.architecture not in ("topk", "batchtopk") or self.k <= d_sae,
+            "k",
+            self.k,
+            f"use k <= d_sae ({d_sae})",
+        )

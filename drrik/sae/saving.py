@@ -1,0 +1,145 @@
+"""Save and load SAEs in SAELens's directory layout, atomically and without pickle.
+
+A saved SAE is a directory:
+
+- ``cfg.json``: the keys SAELens 6.x's ``SAE.load_from_disk`` reads (``architecture``,
+  ``d_in``, ``d_sae``, ``dtype``, ``device``, ``apply_b_dec_to_input``,
+  ``normalize_activations``, ``reshape_activations``, ``metadata``, plus ``k`` for topk),
+  and a ``drrik`` block with the full :class:`SAEConfig` so drrik reloads the exact class.
+- ``sae_weights.safetensors``: the architecture's tensors under SAELens's names.
+- ``sparsity.safetensors`` (optional): key ``sparsity``, log10 feature density.
+
+``metadata.sae_lens_version`` is "6.0.0": it names the *layout* this directory follows, which
+tells SAELens not to run its pre-6.0 config conversion. Input scaling must be folded in
+(:meth:`SAE.fold_activation_scale`) before saving: ``normalize_activations`` is "none".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from drrik.errors import require
+from drrik.sae.base import ARCHITECTURES, SAE
+from drrik.sae.config import SAEConfig
+
+CFG_FILENAME = "cfg.json"
+WEIGHTS_FILENAME = "sae_weights.safetensors"
+SPARSITY_FILENAME = "sparsity.safetensors"
+SAELENS_LAYOUT_VERSION = "6.0.0"
+_FROM_SAELENS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated"}
+
+
+def saelens_cfg(sae: SAE, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``cfg.json`` content for ``sae``; ``metadata`` adds hook_name, model_name, ..."""
+    return {
+        "architecture": sae.saelens_architecture,
+        "d_in": sae.d_in,
+        "d_sae": sae.d_sae,
+        "dtype": sae.cfg.dtype,
+        "device": str(sae.W_dec.device),
+        "apply_b_dec_to_input": sae.cfg.apply_b_dec_to_input,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        **sae.saelens_cfg_extras(),
+        "metadata": {"sae_lens_version": SAELENS_LAYOUT_VERSION, **(metadata or {})},
+        "drrik": {"config": sae.cfg.to_dict()},
+    }
+
+
+def _write_json(path: Path, content: dict[str, Any]) -> None:
+    with open(path, "w") as f:
+        json.dump(content, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def save_sae(
+    sae: SAE,
+    directory: str | Path,
+    sparsity: Tensor | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``sae`` to ``directory`` so that a crash never leaves a half-written SAE there.
+
+    Files go to a temporary sibling directory first, which then replaces ``directory`` by
+    renames: an existing SAE stays intact until the new one is complete.
+    """
+    target = Path(directory).resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        _write_json(tmp / CFG_FILENAME, saelens_cfg(sae, metadata))
+        _write_tensors(tmp / WEIGHTS_FILENAME, sae.saelens_tensors())
+        if sparsity is not None:
+            _write_tensors(tmp / SPARSITY_FILENAME, {"sparsity": sparsity})
+        old = None
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, old / "sae")
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def _config_from_saelens(cfg_json: dict[str, Any]) -> SAEConfig:
+    """A drrik config for a directory SAELens wrote (no ``drrik`` block)."""
+    arch = cfg_json.get("architecture", "standard")
+    require(
+        arch in _FROM_SAELENS,
+        "architecture",
+        arch,
+        f"drrik loads SAELens architectures {', '.join(_FROM_SAELENS)}",
+    )
+    return SAEConfig(
+        architecture=_FROM_SAELENS[arch],
+        d_in=int(cfg_json["d_in"]),
+        d_sae=int(cfg_json["d_sae"]),
+        k=cfg_json.get("k"),
+        apply_b_dec_to_input=bool(cfg_json.get("apply_b_dec_to_input", True)),
+        normalize_decoder=not cfg_json.get("rescale_acts_by_decoder_norm", False),
+        dtype=str(cfg_json.get("dtype", "float32")).removeprefix("torch."),
+    )
+
+
+def load_sae(directory: str | Path, device: torch.device | str | None = None) -> SAE:
+    """Load a directory written by :func:`save_sae` (or a SAELens standard/topk/jumprelu/gated
+    SAE) as the matching drrik class, in eval mode. Weights are read with safetensors only.
+    """
+    path = Path(directory)
+    require((path / CFG_FILENAME).is_file(), "directory", str(path), "expected a saved SAE dir")
+    with open(path / CFG_FILENAME) as f:
+        cfg_json = json.load(f)
+    drrik_block = cfg_json.get("drrik")
+    if drrik_block is not None:
+        cfg = SAEConfig.from_dict(drrik_block["config"])
+    else:
+        cfg = _config_from_saelens(cfg_json)
+    sae = ARCHITECTURES[cfg.architecture](cfg, device=device)
+    tensors = load_file(str(path / WEIGHTS_FILENAME), device=str(sae.W_dec.device))
+    sae.load_saelens_tensors(tensors)
+    return sae.eval()
+
+
+def load_sparsity(directory: str | Path) -> Tensor | None:
+    """The saved log10 feature densities, or ``None`` when the directory has none."""
+    path = Path(directory) / SPARSITY_FILENAME
+    return load_file(str(path))["sparsity"] if path.is_file() else None

