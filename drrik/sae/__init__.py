@@ -1,7 +1,8 @@
 """Sparse autoencoders: one interface (:class:`SAE`), one file per architecture.
 
-Adding an architecture = a new module with an ``@register``-ed :class:`SAE` subclass, imported
-below, and its name added to ``KNOWN_ARCHITECTURES`` in :mod:`drrik.sae.config`.
+Adding an architecture = a new module with an ``@register``-ed :class:`SAE` subclass, and its
+import below. The config validates names (and ``k`` / ghost-grad support, decoder-norm
+default) against the registry, so nothing else changes.
 """
 
 from __future__ import annotations
@@ -11,13 +12,15 @@ import torch
 from drrik.sae import batchtopk, gated, jumprelu, relu, topk  # noqa: F401  (registration)
 from drrik.sae.base import ARCHITECTURES, SAE, TrainOutput, register
 from drrik.sae.batchtopk import BatchTopKSAE
-from drrik.sae.config import KNOWN_ARCHITECTURES, SAEConfig
+from drrik.sae.config import SAEConfig
 from drrik.sae.dead_features import DeadFeatureTracker, resample_dead_features
 from drrik.sae.gated import GatedSAE
 from drrik.sae.jumprelu import JumpReLUSAE
 from drrik.sae.relu import ReLUSAE
 from drrik.sae.saving import load_sae, load_sparsity, save_sae
 from drrik.sae.topk import TopKSAE
+
+KNOWN_ARCHITECTURES: tuple[str, ...] = tuple(ARCHITECTURES)
 
 
 def build_sae(cfg: SAEConfig, device: torch.device | str | None = None) -> SAE:

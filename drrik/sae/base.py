@@ -47,13 +47,23 @@ class TrainOutput:
 class SAE(nn.Module):
     """Base sparse autoencoder: linear encoder, architecture-specific activation, linear decoder.
 
-    Subclasses set ``architecture`` / ``saelens_architecture``, implement :meth:`encode` and
-    :meth:`training_forward`, and override the ``_``-prefixed hooks when they own extra
-    per-feature parameters (JumpReLU thresholds, gated magnitudes).
+    Subclasses set ``architecture`` / ``saelens_architecture`` (and the class flags below),
+    implement :meth:`encode` and :meth:`training_forward`, and override the hooks further
+    down when they own extra per-feature parameters (JumpReLU thresholds, gated magnitudes).
     """
 
     architecture: ClassVar[str]
     saelens_architecture: ClassVar[str]
+    needs_k: ClassVar[bool] = False
+    """Whether the config must set ``k``."""
+    supports_ghost_grads: ClassVar[bool] = False
+    """Whether ``use_ghost_grads`` is allowed."""
+
+    @classmethod
+    def default_normalize_decoder(cls, cfg: SAEConfig) -> bool:
+        """Unit-norm decoder rows unless the sparsity penalty is weighted by decoder norms:
+        such a penalty already removes the incentive to grow rows, so they may stay free."""
+        return not cfg.scale_sparsity_by_decoder_norm
 
     def __init__(self, cfg: SAEConfig, device: torch.device | str | None = None) -> None:
         super().__init__()
@@ -110,8 +120,9 @@ class SAE(nn.Module):
 
     @staticmethod
     def mse(x_hat: Tensor, x: Tensor) -> Tensor:
-        """Squared error summed over ``d_in``, averaged over the batch."""
-        return (x_hat - x.to(x_hat.dtype)).pow(2).sum(dim=-1).mean()
+        """Squared error summed over ``d_in``, averaged over the batch (in the wider dtype of
+        the two, so a bf16 reconstruction is not compared with a bf16-rounded input)."""
+        return (x_hat - x).pow(2).sum(dim=-1).mean()
 
     def decoder_norms(self) -> Tensor:
         """L2 norm of each decoder row, ``[d_sae]``."""

@@ -9,13 +9,16 @@ defaults; combinations that cannot work are refused in ``__post_init__`` with a 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from simple_parsing.helpers import Serializable
 
 from drrik.errors import require
 
-KNOWN_ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu", "gated")
+if TYPE_CHECKING:
+    from drrik.sae.base import SAE
+
 DTYPES = {
     "float32": torch.float32,
     "float64": torch.float64,
@@ -23,6 +26,13 @@ DTYPES = {
     "float16": torch.float16,
 }
 DEFAULT_EXPANSION_FACTOR = 8
+
+
+def _architectures() -> dict[str, type[SAE]]:
+    """The registry; importing this module imports the package, which fills it."""
+    from drrik.sae.base import ARCHITECTURES
+
+    return ARCHITECTURES
 
 
 @dataclass
@@ -78,13 +88,14 @@ class SAEConfig(Serializable):
     """Parameter dtype: float32, float64, bfloat16 or float16."""
 
     def __post_init__(self) -> None:
-        known = ", ".join(KNOWN_ARCHITECTURES)
+        architectures = _architectures()
         require(
-            self.architecture in KNOWN_ARCHITECTURES,
+            self.architecture in architectures,
             "architecture",
             self.architecture,
-            f"use one of {known}",
+            f"use one of {', '.join(architectures)}",
         )
+        sae_cls = architectures[self.architecture]
         require(self.d_in >= 0, "d_in", self.d_in, "use a positive width (or 0 = from the model)")
         require(
             self.d_sae is None or self.expansion_factor is None,
@@ -99,7 +110,7 @@ class SAEConfig(Serializable):
             self.expansion_factor,
             "use a positive int",
         )
-        if self.architecture in ("topk", "batchtopk"):
+        if sae_cls.needs_k:
             require(
                 self.k is not None,
                 "k",
@@ -121,7 +132,7 @@ class SAEConfig(Serializable):
             "use a momentum in [0, 1)",
         )
         require(
-            not self.use_ghost_grads or self.architecture == "relu",
+            not self.use_ghost_grads or sae_cls.supports_ghost_grads,
             "use_ghost_grads",
             self.use_ghost_grads,
             f"ghost grads exist for architecture=relu only, not {self.architecture}",
@@ -145,9 +156,7 @@ class SAEConfig(Serializable):
         """
         if self.normalize_decoder is not None:
             return self.normalize_decoder
-        if self.architecture in ("relu", "gated"):
-            return not self.scale_sparsity_by_decoder_norm
-        return True
+        return _architectures()[self.architecture].default_normalize_decoder(self)
 
     def resolved_aux_k(self) -> int:
         """Dead features the AuxK loss may use: aux_k, else d_in // 2, at most d_sae."""
@@ -163,7 +172,7 @@ class SAEConfig(Serializable):
         require(self.d_in > 0, "d_in", self.d_in, "set d_in (the hook's width) before building")
         d_sae = self.resolved_d_sae()
         require(
-            self.k is None or self.architecture not in ("topk", "batchtopk") or self.k <= d_sae,
+            self.k is None or not _architectures()[self.architecture].needs_k or self.k <= d_sae,
             "k",
             self.k,
             f"use k <= d_sae ({d_sae})",

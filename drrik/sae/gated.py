@@ -59,9 +59,9 @@ class GatedSAE(SAE):
             weighted = gate_acts * self.decoder_norms()
         aux_hat = gate_acts @ self.W_dec.detach() + self.b_dec.detach()
         losses = {
-            "mse": self.mse(x_hat, x),
-            "l1": sparsity_coefficient * weighted.sum(dim=-1).mean(),
-            "aux": self.mse(aux_hat, x),
+            "mse_loss": self.mse(x_hat, x),
+            "l1_loss": sparsity_coefficient * weighted.sum(dim=-1).mean(),
+            "aux_loss": self.mse(aux_hat, x),
         }
         loss = torch.stack(list(losses.values())).sum()
         return TrainOutput(loss=loss, losses=losses, feature_acts=feature_acts, x_hat=x_hat)

@@ -78,6 +78,11 @@ class JumpReLUSAE(SAE):
     architecture = "jumprelu"
     saelens_architecture = "jumprelu"
 
+    @classmethod
+    def default_normalize_decoder(cls, cfg: SAEConfig) -> bool:
+        """Unit rows: the L0 penalty ignores magnitudes, so unit rows only fix the scale."""
+        return True
+
     def __init__(self, cfg: SAEConfig, device: torch.device | str | None = None) -> None:
         super().__init__(cfg, device=device)
         log_theta = torch.full(
@@ -107,7 +112,7 @@ class JumpReLUSAE(SAE):
         feature_acts = JumpReLUFunction.apply(pre, theta, eps)
         x_hat = self.decode(feature_acts)
         l0 = StepFunction.apply(pre, theta, eps).sum(dim=-1).mean()
-        losses = {"mse": self.mse(x_hat, x), "l0": sparsity_coefficient * l0}
+        losses = {"mse_loss": self.mse(x_hat, x), "l0_loss": sparsity_coefficient * l0}
         loss = torch.stack(list(losses.values())).sum()
         return TrainOutput(loss=loss, losses=losses, feature_acts=feature_acts, x_hat=x_hat)
 

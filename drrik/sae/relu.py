@@ -20,6 +20,7 @@ class ReLUSAE(SAE):
 
     architecture = "relu"
     saelens_architecture = "standard"
+    supports_ghost_grads = True
 
     def encode(self, x: Tensor) -> Tensor:
         return torch.relu(self.pre_acts(x))
@@ -40,11 +41,11 @@ class ReLUSAE(SAE):
         feature_acts = torch.relu(pre)
         x_hat = self.decode(feature_acts)
         losses = {
-            "mse": self.mse(x_hat, x),
-            "l1": sparsity_coefficient * self.sparsity_penalty(feature_acts),
+            "mse_loss": self.mse(x_hat, x),
+            "l1_loss": sparsity_coefficient * self.sparsity_penalty(feature_acts),
         }
         if self.cfg.use_ghost_grads:
-            losses["ghost"] = (
+            losses["ghost_loss"] = (
                 self.ghost_grad_loss(x, x_hat, pre, dead_mask)
                 if dead_mask is not None
                 else x_hat.new_zeros(())
@@ -62,7 +63,6 @@ class ReLUSAE(SAE):
         decoder rows and biases (plus the shared ``b_dec`` through the input). Zero when no
         feature is dead; decided on device, without a host sync.
         """
-        x = x.to(x_hat.dtype)
         residual = (x - x_hat).detach()
         ghost_acts = torch.where(dead_mask, pre, float("-inf")).exp()
         ghost_out = ghost_acts @ self.W_dec

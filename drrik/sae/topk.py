@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from drrik.sae.base import SAE, TrainOutput, register
+from drrik.sae.config import SAEConfig
 
 
 @register
@@ -23,6 +24,12 @@ class TopKSAE(SAE):
 
     architecture = "topk"
     saelens_architecture = "topk"
+    needs_k = True
+
+    @classmethod
+    def default_normalize_decoder(cls, cfg: SAEConfig) -> bool:
+        """Unit rows: k, not a penalty, sets sparsity, so unit rows only fix the scale."""
+        return True
 
     @property
     def rescale_by_decoder_norm(self) -> bool:
@@ -66,8 +73,8 @@ class TopKSAE(SAE):
         feature_acts = self.train_activation(pre)
         x_hat = self.decode(feature_acts)
         losses = {
-            "mse": self.mse(x_hat, x),
-            "aux": (
+            "mse_loss": self.mse(x_hat, x),
+            "aux_loss": (
                 self.aux_k_loss(x, x_hat, pre, dead_mask)
                 if dead_mask is not None
                 else x_hat.new_zeros(())
@@ -83,7 +90,7 @@ class TopKSAE(SAE):
         with no dead features, all without a host sync.
         """
         aux_k = self.cfg.resolved_aux_k()
-        residual = (x.to(x_hat.dtype) - x_hat).detach()
+        residual = (x - x_hat).detach()
         values, indices = torch.where(dead_mask, pre, float("-inf")).topk(aux_k, dim=-1)
         aux_acts = torch.zeros_like(pre).scatter(-1, indices, values.relu())
         aux_err = (self.decode_directions(aux_acts) - residual).pow(2).sum(dim=-1).mean()
