@@ -14,32 +14,61 @@ from pathlib import Path
 
 from simple_parsing import ArgumentParser, DashVariant
 
-from drrik.config import DataConfig, EvalConfig, ModelConfig, RunConfig
+from drrik.config import DataConfig, EvalConfig, ModelConfig, RunConfig, load_config_file
 from drrik.errors import ConfigError, require
+from drrik.run_dir import CONFIG_FILE
 
 Command = Callable[[list[str]], int]
 
 
-def train_parser() -> ArgumentParser:
+def train_parser(defaults: RunConfig | None = None) -> ArgumentParser:
     parser = ArgumentParser(
         prog="drrik train",
         description="Train sparse autoencoders on a model's activations, streamed.",
         add_option_string_dash_variants=DashVariant.DASH,
-        add_config_path_arg="config",
     )
-    parser.add_arguments(RunConfig, dest="cfg")
+    parser.add_argument("--config", type=Path, help="YAML file with any of the fields below")
+    parser.add_argument("--resume", type=Path, help="continue the run in this directory")
+    parser.add_arguments(RunConfig, dest="cfg", default=defaults)
     return parser
 
 
-def cmd_train(argv: list[str]) -> int:
-    from drrik.trainer import Trainer, TrainingDiverged
+def parse_train_args(argv: list[str]) -> RunConfig:
+    """Config from, in rising priority: defaults, --resume's saved config or --config, flags."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", type=Path)
+    pre.add_argument("--resume", type=Path)
+    known, _ = pre.parse_known_args(argv)
+    defaults = None
+    if known.resume is not None:
+        saved = known.resume / CONFIG_FILE
+        require(
+            saved.is_file(),
+            "resume",
+            str(known.resume),
+            "no drrik run there (no config.yaml); check the path",
+        )
+        defaults = load_config_file(saved)
+    elif known.config is not None:
+        defaults = load_config_file(known.config)
+    cfg = train_parser(defaults).parse_args(argv).cfg
+    if known.resume is not None:
+        cfg.out = str(known.resume)
+    return cfg
 
-    cfg = train_parser().parse_args(argv).cfg
+
+def cmd_train(argv: list[str]) -> int:
+    from drrik.trainer import Trainer, TrainingDiverged, TrainingStopped
+
+    cfg = parse_train_args(argv)
     try:
         Trainer(cfg).fit()
     except TrainingDiverged as exc:
         print(f"drrik train: {exc}", file=sys.stderr)
         return 1
+    except TrainingStopped as exc:
+        print(f"drrik train: {exc}", file=sys.stderr)
+        return exc.exit_code
     return 0
 
 

@@ -9,8 +9,10 @@ config classes because the CLI exposes them as flat flags (``--hook``, ``--conte
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 
+import yaml
 from simple_parsing.helpers import Serializable
 
 from drrik.errors import require
@@ -277,6 +279,24 @@ class EvalConfig(Serializable):
 
 
 @dataclass
+class CheckpointConfig(Serializable):
+    """When checkpoints are written and how many are kept."""
+
+    checkpoint_every_tokens: int = 0
+    """Write a checkpoint every this many training tokens (0: by time only)."""
+    checkpoint_every_minutes: float = 15.0
+    """Write a checkpoint every this many minutes (0: by tokens only)."""
+    keep_checkpoints: int = 3
+    """Keep this many most recent checkpoints."""
+
+    def __post_init__(self) -> None:
+        for name in ("checkpoint_every_tokens", "checkpoint_every_minutes"):
+            value = getattr(self, name)
+            require(value >= 0, name, value, "use a value >= 0 (0 turns it off)")
+        require(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "use >= 1")
+
+
+@dataclass
 class RunConfig(Serializable):
     """Everything one ``drrik train`` run needs; saved as ``config.yaml`` in the run directory."""
 
@@ -286,6 +306,7 @@ class RunConfig(Serializable):
     sae: SAEConfig = field(default_factory=SAEConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     out: str = ""
     """Run directory; empty picks runs/<model>-<architecture>-<date-time>."""
 
@@ -320,3 +341,20 @@ class RunConfig(Serializable):
         if "expansion_factor" in setting:
             values["d_sae"] = None
         return SAEConfig(**values)
+
+
+def load_config_file(path: str | Path) -> RunConfig:
+    """A RunConfig from YAML with the same nested sections as a run's config.yaml."""
+    path = Path(path)
+    require(path.is_file(), "config", str(path), "no such file; check the path")
+    with open(path) as f:
+        tree = yaml.safe_load(f) or {}
+    require(isinstance(tree, dict), "config", str(path), "the YAML must be a mapping of sections")
+    known = {f.name for f in fields(RunConfig)}
+    for section, values in tree.items():
+        require(section in known, "config", section, f"unknown section; use {sorted(known)}")
+        if isinstance(values, dict):
+            names = {f.name for f in fields(getattr(RunConfig(), section))}
+            for name in values:
+                require(name in names, f"{section}.{name}", values[name], "no such field")
+    return RunConfig.from_dict(tree, drop_extra_fields=False)

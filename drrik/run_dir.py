@@ -21,6 +21,17 @@ from drrik.errors import ConfigError
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 FINAL_DIR = "final"
+RESUMABLE_CHANGES = (
+    "trainer.training_tokens",
+    "trainer.log_every_steps",
+    "eval.eval_every_tokens",
+    "store.prefetch_batches",
+    "checkpoint.checkpoint_every_tokens",
+    "checkpoint.checkpoint_every_minutes",
+    "checkpoint.keep_checkpoints",
+    "model.device",
+)
+"""Fields a resumed run may change: budget (to extend a run), cadences, device."""
 
 
 def default_run_name(cfg: RunConfig) -> str:
@@ -88,7 +99,7 @@ class RunDir:
                 str(self.path),
                 "the directory is not empty and holds no drrik run; choose a new --out",
             )
-        differences = config_differences(saved, _comparable(cfg))
+        differences = config_differences(saved, _comparable(cfg), RESUMABLE_CHANGES)
         if differences:
             raise ConfigError(
                 "out",
@@ -110,6 +121,13 @@ class RunDir:
                 f.write(json.dumps(row) + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+    def truncate_metrics(self, after_step: int) -> None:
+        """Drop rows logged after ``after_step`` (a resumed run logs those steps again)."""
+        rows = [r for r in self.read_metrics() if r["step"] <= after_step]
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+        if self.metrics_path.is_file():
+            write_text_atomic(self.metrics_path, text)
 
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_path.is_file():

@@ -258,4 +258,5 @@ class ActivationsStore:
             self._prefetch = None
 
     def __del__(self) -> None:
-        self.close()
+        if hasattr(self, "_prefetch"):  # __init__ may have raised before setting it
+            self.close()

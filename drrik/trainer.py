@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -20,8 +23,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from drrik.checkpoint import CheckpointManager
 from drrik.config import RunConfig, parse_sweep
 from drrik.data import ContextStream, load_source
+from drrik.errors import require
 from drrik.evaluate import EvalTarget, evaluate, held_out_contexts
 from drrik.geometric_median import geometric_median
 from drrik.model import load_model
@@ -35,6 +40,36 @@ GEOMETRIC_MEDIAN_SAMPLES = 8192
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or Inf; the run stops before anything is saved."""
+
+
+class TrainingStopped(RuntimeError):
+    """A signal stopped the run after a checkpoint; ``exit_code`` is 128 + the signal number."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a run draws from, as plain values and tensors (safe to load)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def seed_everything(seed: int) -> None:
@@ -121,6 +156,21 @@ class Trainer:
         self.step = 0
         self.tokens = 0
         self.elapsed = 0.0
+        self.stop_signal: int | None = None
+        self.checkpoints = CheckpointManager(self.run.path, cfg.checkpoint.keep_checkpoints)
+        restored = self.checkpoints.load_latest()
+        if restored is None:
+            for slot in self.slots:
+                self._init_slot(slot)
+        else:
+            state, manifest = restored
+            self.load_state_dict(state)
+            self.run.truncate_metrics(after_step=self.step)
+            if verbose:
+                print(
+                    f"resuming {self.run.path} from checkpoint step {manifest['step']} "
+                    f"({self.tokens:,} tokens done)"
+                )
 
     # -- set-up ------------------------------------------------------------------------------
     def _eval_contexts(self, train_dataset: Any) -> list[torch.Tensor]:
@@ -159,8 +209,6 @@ class Trainer:
                 name = slot_name(hook, setting, len(self.hooks) > 1)
                 tracker = DeadFeatureTracker(sae.d_sae, device=self.device)
                 slots.append(SAESlot(name, hook, sae, optimizer, scheduler, tracker))
-        for slot in slots:
-            self._init_slot(slot)
         return slots
 
     @torch.no_grad()
@@ -183,9 +231,10 @@ class Trainer:
         """Train to the token budget, evaluate, save; return the final eval metrics per SAE."""
         cfg, t = self.cfg, self.cfg.trainer
         self.run.write_config(cfg)
+        total = self.total_steps * self.batch_size
         bar = tqdm(
-            total=t.training_tokens,
-            initial=self.tokens,
+            total=total,
+            initial=min(self.tokens, total),
             unit="tok",
             unit_scale=True,
             disable=not self.verbose,
@@ -193,34 +242,127 @@ class Trainer:
         )
         next_eval = self._next_multiple(cfg.eval.eval_every_tokens)
         next_resample = self._next_multiple(t.resample_every_tokens)
-        window_start, window_tokens = time.perf_counter(), 0
-        while self.tokens < t.training_tokens:
-            batch = self.store.next_batch()
-            coefficient = sparsity_coefficient(self.step, 1.0, t.l1_warm_up_steps)
-            for slot in self.slots:
-                self._train_step(slot, batch.acts[slot.hook], coefficient)
-            self.step += 1
-            self.tokens += self.batch_size
-            window_tokens += self.batch_size
-            bar.update(self.batch_size)
-            if next_resample and self.tokens >= next_resample:
-                self._resample(batch.acts)
-                next_resample += t.resample_every_tokens
-            eval_due = bool(next_eval) and self.tokens >= next_eval
-            if self.step % t.log_every_steps == 0 or eval_due or self.tokens >= t.training_tokens:
+        next_checkpoint = self._next_multiple(cfg.checkpoint.checkpoint_every_tokens)
+        checkpoint_seconds = cfg.checkpoint.checkpoint_every_minutes * 60
+        last_checkpoint = window_start = time.perf_counter()
+        window_tokens = 0
+        with self._stop_on_signals():
+            while self.tokens < t.training_tokens:
+                batch = self.store.next_batch()
+                coefficient = sparsity_coefficient(self.step, 1.0, t.l1_warm_up_steps)
+                for slot in self.slots:
+                    self._train_step(slot, batch.acts[slot.hook], coefficient)
+                self.step += 1
+                self.tokens += self.batch_size
+                window_tokens += self.batch_size
+                bar.update(self.batch_size)
+                if next_resample and self.tokens >= next_resample:
+                    self._resample(batch.acts)
+                    next_resample += t.resample_every_tokens
                 now = time.perf_counter()
-                self.elapsed += now - window_start
-                rows = self._log_rows(window_tokens / max(now - window_start, 1e-9), coefficient)
-                if eval_due:
-                    self._add_eval(rows)
-                    next_eval += cfg.eval.eval_every_tokens
-                self.run.append_metrics(rows)
-                bar.set_postfix(_postfix(rows[0]))
-                window_start, window_tokens = time.perf_counter(), 0
+                eval_due = bool(next_eval) and self.tokens >= next_eval
+                checkpoint_due = (
+                    (bool(next_checkpoint) and self.tokens >= next_checkpoint)
+                    or (checkpoint_seconds > 0 and now - last_checkpoint >= checkpoint_seconds)
+                    or self.stop_signal is not None
+                    or self.tokens >= t.training_tokens
+                )
+                if self.step % t.log_every_steps == 0 or eval_due or checkpoint_due:
+                    self.elapsed += now - window_start
+                    rows = self._log_rows(
+                        window_tokens / max(now - window_start, 1e-9), coefficient
+                    )
+                    if eval_due:
+                        self._add_eval(rows)
+                        next_eval += cfg.eval.eval_every_tokens
+                    self.run.append_metrics(rows)
+                    bar.set_postfix(_postfix(rows[0]))
+                    if checkpoint_due:
+                        self.save_checkpoint()
+                        last_checkpoint = time.perf_counter()
+                        if next_checkpoint:
+                            next_checkpoint = self._next_multiple(
+                                cfg.checkpoint.checkpoint_every_tokens
+                            )
+                    window_start, window_tokens = time.perf_counter(), 0
+                if self.stop_signal is not None:
+                    bar.close()
+                    self.store.close()
+                    raise TrainingStopped(
+                        f"stopped by signal {signal.Signals(self.stop_signal).name} at step "
+                        f"{self.step} ({self.tokens:,} tokens); checkpoint saved. Resume with: "
+                        f"drrik train --resume {self.run.path}",
+                        self.stop_signal,
+                    )
         bar.close()
         self.store.close()
-        final = self.finish()
-        return final
+        return self.finish()
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self) -> Any:
+        """First SIGTERM/SIGINT: finish the step, checkpoint, stop. Second: exit at once.
+
+        Exiting at once is safe because every file drrik writes is replaced atomically.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum: int, frame: Any) -> None:
+            if self.stop_signal is not None:
+                print(f"\ndrrik: second {signal.Signals(signum).name}, exiting now", flush=True)
+                os._exit(128 + signum)
+            self.stop_signal = signum
+            print(
+                f"\ndrrik: {signal.Signals(signum).name} received; finishing the step and "
+                "writing a checkpoint (send it again to exit at once)",
+                flush=True,
+            )
+
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path | None:
+        return self.checkpoints.save(self.state_dict(), self.step, self.tokens)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue this run exactly where it is."""
+        return {
+            "step": self.step,
+            "tokens": self.tokens,
+            "elapsed": self.elapsed,
+            "slots": [
+                {
+                    "name": slot.name,
+                    "sae": slot.sae.state_dict(),
+                    "optimizer": slot.optimizer.state_dict(),
+                    "scheduler": slot.scheduler.state_dict(),
+                    "tracker": slot.tracker.state_dict(),
+                    "scale": slot.scale,
+                }
+                for slot in self.slots
+            ],
+            "store": self.store.state_dict(),
+            "rng": rng_state(),
+            "config": self.cfg.to_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed"]
+        for slot, saved in zip(self.slots, state["slots"], strict=True):
+            require(slot.name == saved["name"], "resume", saved["name"], "SAE names differ")
+            slot.sae.load_state_dict(saved["sae"])
+            slot.optimizer.load_state_dict(saved["optimizer"])
+            slot.scheduler.load_state_dict(saved["scheduler"])
+            slot.tracker.load_state_dict(saved["tracker"])
+            slot.scale = saved["scale"]
+        self.store.load_state_dict(state["store"])
+        set_rng_state(state["rng"])
 
     def _next_multiple(self, every: int) -> int:
         return (self.tokens // every + 1) * every if every else 0
