@@ -80,3 +80,18 @@ def text_dataset():
         n = (i * 7) % 40
         texts.append(" ".join(words[(i + j) % len(words)] for j in range(n)))
     return Dataset.from_dict({"text": texts})
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """No drrik setting in the environment, restored afterwards even if code under test sets one.
+
+    Setting before deleting makes monkeypatch remember the original value (or its absence).
+    """
+    import drrik.settings
+
+    for name in (n for names in drrik.settings.ENV_NAMES.values() for n in names):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(drrik.settings, "_cached", None)
+    return monkeypatch
