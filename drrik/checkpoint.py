@@ -81,8 +81,13 @@ class CheckpointManager:
         found = [p for p in self.root.iterdir() if p.is_dir() and p.name.startswith("step-")]
         return sorted(found, key=lambda p: p.name, reverse=True)
 
-    def save(self, state: dict[str, Any], step: int, tokens: int) -> Path | None:
-        """Write a checkpoint; on a disk error keep the previous one and return None."""
+    def save(
+        self, state: dict[str, Any], step: int, tokens: int, extra: dict[str, Any] | None = None
+    ) -> Path | None:
+        """Write a checkpoint; on a disk error keep the previous one and return None.
+
+        ``extra`` goes into the manifest (the wandb run id), readable without loading state.
+        """
         self.root.mkdir(parents=True, exist_ok=True)
         name = f"step-{step:010d}"
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=self.root))
@@ -96,6 +101,7 @@ class CheckpointManager:
                 "step": step,
                 "tokens": tokens,
                 "created": time.time(),
+                **(extra or {}),
                 "files": {STATE: {"sha256": _sha256(tmp / STATE), "bytes": _size(tmp / STATE)}},
             }
             write_text_atomic(tmp / MANIFEST, json.dumps(manifest, indent=2))
@@ -150,6 +156,15 @@ class CheckpointManager:
                 f"{drrik_version()}; upgrade drrik to resume it",
             )
         return manifest
+
+    def latest_manifest(self) -> dict[str, Any]:
+        """The newest readable manifest, unverified (for small facts such as the wandb id)."""
+        for path in self.checkpoints():
+            try:
+                return json.loads((path / MANIFEST).read_text())
+            except (OSError, ValueError):
+                continue
+        return {}
 
     def load_latest(self) -> tuple[dict[str, Any], dict[str, Any]] | None:
         """(state, manifest) of the newest good checkpoint, skipping damaged ones loudly."""

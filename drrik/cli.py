@@ -17,6 +17,7 @@ from simple_parsing import ArgumentParser, DashVariant
 from drrik.config import DataConfig, EvalConfig, ModelConfig, RunConfig, load_config_file
 from drrik.errors import ConfigError, require
 from drrik.run_dir import CONFIG_FILE
+from drrik.status import cmd_status
 
 Command = Callable[[list[str]], int]
 
@@ -130,7 +131,7 @@ def cmd_eval(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS: dict[str, Command] = {"train": cmd_train, "eval": cmd_eval}
+COMMANDS: dict[str, Command] = {"train": cmd_train, "eval": cmd_eval, "status": cmd_status}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,6 +17,7 @@ from simple_parsing.helpers import Serializable
 
 from drrik.errors import require
 from drrik.sae.config import SAEConfig
+from drrik.wandb_logging import WandbConfig
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_HOOK = "blocks.12.hook_resid_post"
@@ -307,6 +308,7 @@ class RunConfig(Serializable):
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
     out: str = ""
     """Run directory; empty picks runs/<model>-<architecture>-<date-time>."""
 

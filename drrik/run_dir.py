@@ -30,8 +30,9 @@ RESUMABLE_CHANGES = (
     "checkpoint.checkpoint_every_minutes",
     "checkpoint.keep_checkpoints",
     "model.device",
+    "wandb.",
 )
-"""Fields a resumed run may change: budget (to extend a run), cadences, device."""
+"""Fields (or, ending in a dot, sections) a resumed run may change: budget, cadences, device."""
 
 
 def default_run_name(cfg: RunConfig) -> str:
@@ -59,7 +60,8 @@ def config_differences(
     return [
         f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
         for k in sorted(set(a) | set(b))
-        if a.get(k) != b.get(k) and k not in allowed
+        if a.get(k) != b.get(k)
+        and not any(k == f or (f.endswith(".") and k.startswith(f)) for f in allowed)
     ]
 
 

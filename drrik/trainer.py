@@ -33,7 +33,9 @@ from drrik.model import load_model
 from drrik.run_dir import RunDir, default_run_name
 from drrik.sae import SAE, DeadFeatureTracker, build_sae, resample_dead_features
 from drrik.schedules import build_lr_scheduler, sparsity_coefficient
+from drrik.status import write_heartbeat
 from drrik.store import ActivationsStore
+from drrik.wandb_logging import WandbLogger
 
 GEOMETRIC_MEDIAN_SAMPLES = 8192
 
@@ -130,6 +132,8 @@ class Trainer:
         self.cfg, self.verbose = cfg, verbose
         self.run = RunDir(cfg.out or default_run_name(cfg))
         self.run.check_reusable(cfg)
+        cfg.wandb.resolved_mode()  # a bad WANDB_MODE fails before the model loads
+        self.logger: WandbLogger | None = None
         seed_everything(cfg.trainer.seed)
         self.device = torch.device(cfg.model.device)
         self.model = load_model(
@@ -229,8 +233,30 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------
     def fit(self) -> dict[str, dict[str, float]]:
         """Train to the token budget, evaluate, save; return the final eval metrics per SAE."""
+        self.run.write_config(self.cfg)
+        run_id = self.checkpoints.latest_manifest().get("wandb_run_id")
+        self.logger = WandbLogger(self.cfg.wandb, self.run.path, self.cfg.to_dict(), run_id)
+        write_heartbeat(self.run.path, "running")
+        try:
+            self.train_to_budget()
+            metrics = self.finish()
+        except TrainingStopped as exc:
+            write_heartbeat(self.run.path, "stopped")
+            self.logger.finish(exc.exit_code)
+            raise
+        except BaseException:
+            write_heartbeat(self.run.path, "failed")
+            self.logger.finish(1)
+            raise
+        finally:
+            self.store.close()
+        write_heartbeat(self.run.path, "finished")
+        self.logger.finish()
+        return metrics
+
+    def train_to_budget(self) -> None:
+        """The loop: one batch, one step per SAE; log, evaluate, checkpoint when due."""
         cfg, t = self.cfg, self.cfg.trainer
-        self.run.write_config(cfg)
         total = self.total_steps * self.batch_size
         bar = tqdm(
             total=total,
@@ -276,6 +302,8 @@ class Trainer:
                         self._add_eval(rows)
                         next_eval += cfg.eval.eval_every_tokens
                     self.run.append_metrics(rows)
+                    self.logger.log_rows(rows)
+                    write_heartbeat(self.run.path, "running")
                     bar.set_postfix(_postfix(rows[0]))
                     if checkpoint_due:
                         self.save_checkpoint()
@@ -287,7 +315,6 @@ class Trainer:
                     window_start, window_tokens = time.perf_counter(), 0
                 if self.stop_signal is not None:
                     bar.close()
-                    self.store.close()
                     raise TrainingStopped(
                         f"stopped by signal {signal.Signals(self.stop_signal).name} at step "
                         f"{self.step} ({self.tokens:,} tokens); checkpoint saved. Resume with: "
@@ -295,8 +322,6 @@ class Trainer:
                         self.stop_signal,
                     )
         bar.close()
-        self.store.close()
-        return self.finish()
 
     @contextlib.contextmanager
     def _stop_on_signals(self) -> Any:
@@ -328,7 +353,9 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self) -> Path | None:
-        return self.checkpoints.save(self.state_dict(), self.step, self.tokens)
+        run_id = self.logger.run_id if self.logger is not None else None
+        extra = {"wandb_run_id": run_id} if run_id else {}
+        return self.checkpoints.save(self.state_dict(), self.step, self.tokens, extra)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue this run exactly where it is."""
@@ -468,9 +495,16 @@ class Trainer:
                 slot.sae.train()
 
     def _add_eval(self, rows: list[dict[str, Any]]) -> None:
-        metrics, _ = self.evaluate()
+        write_heartbeat(self.run.path, "running")  # an evaluation can outlast the stale limit
+        metrics, densities = self.evaluate()
         for row in rows:
             row.update({f"eval/{k}": v for k, v in metrics[row["sae"]].items()})
+            if self.logger is not None:
+                prefix = f"{row['sae']}/" if len(rows) > 1 else ""
+                density = torch.log10(densities[row["sae"]] + 1e-10)
+                self.logger.log_histogram(
+                    f"{prefix}eval/log10_feature_density", density, self.tokens
+                )
 
     def final_dir(self, slot: SAESlot) -> Path:
         single = len(self.slots) == 1
@@ -493,7 +527,11 @@ class Trainer:
                 "eval": metrics[slot.name],
             }
             sparsity = torch.log10(densities[slot.name] + 1e-10)
-            sae.save(self.final_dir(slot), sparsity=sparsity, metadata=metadata)
+            path = sae.save(self.final_dir(slot), sparsity=sparsity, metadata=metadata)
+            if self.logger is not None:
+                prefix = f"{slot.name}/" if len(self.slots) > 1 else ""
+                self.logger.log_histogram(f"{prefix}log10_feature_density", sparsity, self.tokens)
+                self.logger.log_artifact(path, f"sae-{slot.name or 'final'}".replace("=", "-"))
         if self.verbose:
             print(format_metrics(metrics))
             print(f"saved to {self.run.final_path.resolve()}")
