@@ -97,10 +97,9 @@ def cmd_eval(argv: list[str]) -> int:
     import torch
 
     from drrik.data import ContextStream, SpecialTokens, load_source
-    from drrik.evaluate import EvalTarget, evaluate, held_out_contexts
+    from drrik.evaluate import EvalTarget, evaluate, format_metrics, held_out_contexts
     from drrik.model import check_hooks, load_model
     from drrik.sae import load_sae
-    from drrik.trainer import format_metrics
 
     sae_dir = _saved_sae_dir(args.dir)
     meta = json.loads((sae_dir / "cfg.json").read_text()).get("metadata", {})

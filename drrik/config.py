@@ -38,6 +38,8 @@ class ModelConfig(Serializable):
     """Device of the model and the SAE: cpu, cuda, cuda:1, mps."""
     model_dtype: str = "float32"
     """Precision of the language model: float32, bfloat16 or float16."""
+    model_n_devices: int = 1
+    """Spread the model's layers over this many GPUs (for models too big for one)."""
 
     def __post_init__(self) -> None:
         require(bool(self.model.strip()), "model", self.model, "name a model, e.g. smollm2-135m")
@@ -55,6 +57,7 @@ class ModelConfig(Serializable):
             "list each hook once",
         )
         require(self.model_dtype in DTYPES, "model_dtype", self.model_dtype, f"use one of {DTYPES}")
+        require(self.model_n_devices >= 1, "model_n_devices", self.model_n_devices, "use >= 1")
 
     @property
     def hook_names(self) -> list[str]:
@@ -105,7 +108,8 @@ class StoreConfig(Serializable):
     """The activations store: how many activations are mixed and served per step."""
 
     train_batch_size_tokens: int = 4096
-    """Activations per training batch."""
+    """Activations per training step served by each data shard (one shard per process by
+    default, so the global batch is this x the number of processes)."""
     n_batches_in_buffer: int = 16
     """Buffer size in model batches (tokens = this x store_batch_size_prompts x context_size)."""
     store_batch_size_prompts: int = 16
@@ -298,6 +302,25 @@ class CheckpointConfig(Serializable):
 
 
 @dataclass
+class DistributedConfig(Serializable):
+    """Data parallelism under torchrun: how the data is split and how long ranks may wait."""
+
+    data_shards: int = 0
+    """Disjoint data streams per step, a multiple of the process count (0: one per process)."""
+    distributed_timeout_minutes: float = 10.0
+    """A collective that waits longer than this (dead or hung rank) stops the job."""
+
+    def __post_init__(self) -> None:
+        require(self.data_shards >= 0, "data_shards", self.data_shards, "use >= 0")
+        require(
+            self.distributed_timeout_minutes > 0,
+            "distributed_timeout_minutes",
+            self.distributed_timeout_minutes,
+            "use a positive number of minutes",
+        )
+
+
+@dataclass
 class RunConfig(Serializable):
     """Everything one ``drrik train`` run needs; saved as ``config.yaml`` in the run directory."""
 
@@ -309,6 +332,7 @@ class RunConfig(Serializable):
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     out: str = ""
     """Run directory; empty picks runs/<model>-<architecture>-<date-time>."""
 

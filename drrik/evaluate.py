@@ -189,3 +189,22 @@ def _finish(
         }
         densities[name] = density.cpu()
     return metrics, densities
+
+
+def format_metrics(metrics: dict[str, dict[str, float]]) -> str:
+    """A plain-text table: one column per SAE, one row per metric."""
+    names = list(metrics)
+    keys = list(next(iter(metrics.values())))
+    width = max(len(k) for k in keys) + 2
+    cols = [max(len(n), 10) for n in names]
+    lines = [
+        "metric".ljust(width) + "  ".join(n.rjust(c) for n, c in zip(names, cols, strict=True))
+    ]
+    for key in keys:
+        cells = []
+        for name, c in zip(names, cols, strict=True):
+            value = metrics[name][key]
+            text = f"{value:d}" if isinstance(value, int) else f"{value:.4g}"
+            cells.append(text.rjust(c))
+        lines.append(key.ljust(width) + "  ".join(cells))
+    return "\n".join(lines)

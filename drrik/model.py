@@ -116,8 +116,12 @@ def load_model(
     model: str | torch.nn.Module = EMBEDDED_MODEL,
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype = "float32",
+    n_devices: int = 1,
 ) -> Any:
     """Return a TransformerLens hooked model (a ``TransformerBridge``) ready for inference.
+
+    ``n_devices > 1`` spreads the layers over that many GPUs (Hugging Face device placement),
+    for models that do not fit on one; the SAE and buffer can then live on another device.
 
     A model object the user built (any module with a ``hook_dict``, such as a
     ``HookedTransformer`` or a ``TransformerBridge``) is moved to ``device`` and returned.
@@ -135,7 +139,8 @@ def load_model(
 
     source = resolve_model_source(model)
     try:
-        bridge = TransformerBridge.boot_transformers(source, device=str(device), dtype=torch_type)
+        placement = {"n_devices": n_devices} if n_devices > 1 else {"device": str(device)}
+        bridge = TransformerBridge.boot_transformers(source, dtype=torch_type, **placement)
     except OSError as exc:  # transformers raises OSError for unknown or unreachable hub names
         raise ConfigError(
             "model",

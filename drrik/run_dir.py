@@ -135,7 +135,17 @@ class RunDir:
         if not self.metrics_path.is_file():
             return []
         with open(self.metrics_path) as f:
-            return [json.loads(line) for line in f if line.strip()]
+            lines = [line for line in f if line.strip()]
+        rows = []
+        for i, line in enumerate(lines):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                if i < len(lines) - 1:
+                    raise
+                # A last line torn by a kill: its step comes after the newest checkpoint, so
+                # the resumed run logs it again.
+        return rows
 
 
 def _comparable(cfg: RunConfig) -> dict[str, Any]:

@@ -110,7 +110,11 @@ class ActivationsStore:
         self.model_device = next(model.parameters()).device
         self.device = torch.device(device) if device is not None else self.model_device
         self.dataset = dataset if dataset is not None else load_source(data_cfg)
-        self.stream = ContextStream(self.dataset, model.tokenizer, data_cfg, shard=shard)
+        # With a separate eval split nothing needs holding out of the training split.
+        holdout = "all" if data_cfg.eval_split else "train"
+        self.stream = ContextStream(
+            self.dataset, model.tokenizer, data_cfg, holdout=holdout, shard=shard
+        )
         self.d_in = hook_dims(model, hooks)
         model_dtype = next(model.parameters()).dtype
         dtype = (
@@ -181,11 +185,13 @@ class ActivationsStore:
             keep = (~torch.isin(flat_tokens, self.exclude)).nonzero().squeeze(1)
             flat_tokens = flat_tokens[keep]
         rows = {}
+        # A non-blocking copy to the host may be read before it lands: block for a CPU buffer.
+        to_host = self.buffer.tokens.device.type == "cpu"
         for hook, act in acts.items():
             act = act.reshape(-1, act.shape[-1])
             if keep is not None:
                 act = act.index_select(0, keep.to(act.device))
-            rows[hook] = act.to(self.buffer.tokens.device, non_blocking=True)
+            rows[hook] = act.to(self.buffer.tokens.device, non_blocking=not to_host)
         return rows, flat_tokens.to(self.buffer.tokens.device)
 
     def _fill(self) -> None:

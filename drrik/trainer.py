@@ -1,38 +1,43 @@
 """The training loop: activations store -> one or more SAEs -> metrics, evals, saved SAEs.
 
-Read :meth:`Trainer.fit` top to bottom: it is the whole algorithm. Each step pulls one shuffled
-batch (all hooks from one forward pass) and takes one optimizer step per SAE. Nothing reads a
-value back to the host except every ``log_every_steps`` steps, when the metrics accumulated on
-device are fetched in one transfer, checked for NaN/Inf, and logged.
+Read :meth:`Trainer.train_to_budget` top to bottom: it is the whole algorithm. Each step pulls
+one shuffled batch from every local data shard (all hooks from one forward pass) and takes one
+optimizer step per SAE. Nothing reads a value back to the host except every
+``log_every_steps`` steps, when the metrics accumulated on device are fetched in one transfer,
+checked for NaN/Inf, and logged.
+
+Data parallelism (torchrun): each rank streams its own data shards; gradients, dead-feature
+masks and metrics are reduced across ranks, so every rank holds the same SAEs. Only rank 0
+writes files. One process with ``data_shards=N`` computes what N processes with one shard each
+compute, which is how the distributed equality test checks it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
-import random
 import signal
-import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from drrik.checkpoint import CheckpointManager
 from drrik.config import RunConfig, parse_sweep
 from drrik.data import ContextStream, load_source
-from drrik.errors import require
-from drrik.evaluate import EvalTarget, evaluate, held_out_contexts
+from drrik.distributed import Distributed
+from drrik.errors import ConfigError, require
+from drrik.evaluate import EvalTarget, evaluate, format_metrics, held_out_contexts
 from drrik.geometric_median import geometric_median
 from drrik.model import load_model
+from drrik.rng import rng_state, seed_everything, set_rng_state
 from drrik.run_dir import RunDir, default_run_name
 from drrik.sae import SAE, DeadFeatureTracker, build_sae, resample_dead_features
 from drrik.schedules import build_lr_scheduler, sparsity_coefficient
+from drrik.signals import GracefulStop
 from drrik.status import write_heartbeat
 from drrik.store import ActivationsStore
 from drrik.wandb_logging import WandbLogger
@@ -50,35 +55,6 @@ class TrainingStopped(RuntimeError):
     def __init__(self, message: str, signum: int) -> None:
         super().__init__(message)
         self.exit_code = 128 + signum
-
-
-def rng_state() -> dict[str, Any]:
-    """Every RNG a run draws from, as plain values and tensors (safe to load)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def slot_name(hook: str, setting: dict[str, str], several_hooks: bool) -> str:
@@ -129,48 +105,69 @@ class Trainer:
         dataset: Any = None,
         verbose: bool = True,
     ) -> None:
-        self.cfg, self.verbose = cfg, verbose
+        self.cfg = cfg
+        self.dist = Distributed.from_environment(
+            cfg.model.device, cfg.distributed.distributed_timeout_minutes
+        )
+        self.verbose = verbose and self.dist.is_main
+        require(
+            bool(cfg.out) or not self.dist.enabled,
+            "out",
+            cfg.out,
+            "name the run directory (--out) when training with several processes",
+        )
         self.run = RunDir(cfg.out or default_run_name(cfg))
         self.run.check_reusable(cfg)
         cfg.wandb.resolved_mode()  # a bad WANDB_MODE fails before the model loads
         self.logger: WandbLogger | None = None
         seed_everything(cfg.trainer.seed)
-        self.device = torch.device(cfg.model.device)
+        self.device = self.dist.device(cfg.model.device)
         self.model = load_model(
             model if model is not None else cfg.model.model,
             device=self.device,
             dtype=cfg.model.model_dtype,
+            n_devices=cfg.model.model_n_devices,
         )
         self.hooks = cfg.model.hook_names
         dataset = dataset if dataset is not None else load_source(cfg.data)
-        self.store = ActivationsStore(
-            self.model,
-            self.hooks,
-            cfg.data,
-            cfg.store,
-            dataset=dataset,
-            device=self.device,
-            seed=cfg.trainer.seed,
-            verbose=verbose,
-        )
-        self.eval_contexts = self._eval_contexts(dataset)
-        self.batch_size = cfg.store.train_batch_size_tokens
+        self.n_shards = cfg.distributed.data_shards or self.dist.world_size
+        self.shards = self.dist.local_shards(self.n_shards)
+        self.stores = [
+            ActivationsStore(
+                self.model,
+                self.hooks,
+                cfg.data,
+                cfg.store,
+                dataset=dataset,
+                device=self.device,
+                seed=cfg.trainer.seed + shard,
+                shard=(shard, self.n_shards),
+                verbose=self.verbose and i == 0,
+            )
+            for i, shard in enumerate(self.shards)
+        ]
+        self.eval_contexts = self._eval_contexts(dataset) if self.dist.is_main else []
+        self.batch_size = cfg.store.train_batch_size_tokens * self.n_shards  # global, per step
         self.total_steps = math.ceil(cfg.trainer.training_tokens / self.batch_size)
         self.slots = self._build_slots()
         self.step = 0
         self.tokens = 0
         self.elapsed = 0.0
-        self.stop_signal: int | None = None
+        self.stop = GracefulStop()
         self.checkpoints = CheckpointManager(self.run.path, cfg.checkpoint.keep_checkpoints)
         restored = self.checkpoints.load_latest()
         if restored is None:
+            if self.dist.is_main:
+                # Rows of an attempt killed before its first checkpoint: this run logs them again.
+                self.run.truncate_metrics(after_step=0)
             for slot in self.slots:
                 self._init_slot(slot)
         else:
             state, manifest = restored
             self.load_state_dict(state)
-            self.run.truncate_metrics(after_step=self.step)
-            if verbose:
+            if self.dist.is_main:
+                self.run.truncate_metrics(after_step=self.step)
+            if self.verbose:
                 print(
                     f"resuming {self.run.path} from checkpoint step {manifest['step']} "
                     f"({self.tokens:,} tokens done)"
@@ -184,18 +181,18 @@ class Trainer:
             dataset, holdout = load_source(cfg.data, cfg.data.eval_split), "all"
         else:
             dataset, holdout = train_dataset, "eval"
-        stream = ContextStream(
-            dataset, self.model.tokenizer, cfg.data, holdout=holdout, cycle=False
-        )
+        tokenizer = self.model.tokenizer
+        stream = ContextStream(dataset, tokenizer, cfg.data, holdout=holdout, cycle=False)
         return held_out_contexts(stream, cfg.eval.eval_contexts, cfg.eval.eval_batch_size_prompts)
 
     def _build_slots(self) -> list[SAESlot]:
         cfg, t = self.cfg, self.cfg.trainer
         settings = parse_sweep(t.sweep)
+        d_in = self.stores[0].d_in
         slots = []
         for hook in self.hooks:
             for setting in settings:
-                sae_cfg = replace(cfg.sae_configs_for(setting), d_in=self.store.d_in[hook])
+                sae_cfg = replace(cfg.sae_configs_for(setting), d_in=d_in[hook])
                 torch.manual_seed(t.seed + len(slots))
                 sae = build_sae(sae_cfg, device=self.device).train()
                 optimizer = torch.optim.Adam(
@@ -217,41 +214,49 @@ class Trainer:
 
     @torch.no_grad()
     def _init_slot(self, slot: SAESlot) -> None:
-        """Input scale (expected_average_only_in) and b_dec from real activations."""
+        """Input scale (expected_average_only_in) and b_dec from real activations.
+
+        The scale averages every shard's estimate; b_dec comes from shard 0 and is broadcast,
+        so all ranks start from the same SAE.
+        """
         t = self.cfg.trainer
         if t.normalize_activations == "expected_average_only_in":
-            slot.scale = self.store.norm_scaling_factor(slot.hook)
-        if t.b_dec_init_method == "zeros":
-            return
-        sample = self.store.sample(slot.hook, GEOMETRIC_MEDIAN_SAMPLES) * slot.scale
-        if t.b_dec_init_method == "mean":
-            center = sample.mean(0)
-        else:
-            center = geometric_median(sample)
-        slot.sae.b_dec.copy_(center.to(slot.sae.b_dec))
+            local = sum(store.norm_scaling_factor(slot.hook) for store in self.stores)
+            total = torch.tensor(local / len(self.stores), dtype=torch.float64)
+            slot.scale = float(self.dist.average_(total))
+        if t.b_dec_init_method != "zeros" and self.dist.is_main:
+            sample = self.stores[0].sample(slot.hook, GEOMETRIC_MEDIAN_SAMPLES) * slot.scale
+            center = sample.mean(0) if t.b_dec_init_method == "mean" else geometric_median(sample)
+            slot.sae.b_dec.copy_(center.to(slot.sae.b_dec))
+        self.dist.broadcast_(list(slot.sae.parameters()))
 
-    # -- the loop ----------------------------------------------------------------------------
+    # -- the run -----------------------------------------------------------------------------
     def fit(self) -> dict[str, dict[str, float]]:
         """Train to the token budget, evaluate, save; return the final eval metrics per SAE."""
-        self.run.write_config(self.cfg)
+        main = self.dist.is_main
+        if main:
+            self.run.write_config(self.cfg)
         run_id = self.checkpoints.latest_manifest().get("wandb_run_id")
-        self.logger = WandbLogger(self.cfg.wandb, self.run.path, self.cfg.to_dict(), run_id)
-        write_heartbeat(self.run.path, "running")
+        wandb_cfg = self.cfg.wandb if main else replace(self.cfg.wandb, wandb_mode="disabled")
+        self.logger = WandbLogger(wandb_cfg, self.run.path, self.cfg.to_dict(), run_id)
+        self._heartbeat("running")
         try:
             self.train_to_budget()
             metrics = self.finish()
         except TrainingStopped as exc:
-            write_heartbeat(self.run.path, "stopped")
+            self._heartbeat("stopped")
             self.logger.finish(exc.exit_code)
             raise
         except BaseException:
-            write_heartbeat(self.run.path, "failed")
+            self._heartbeat("failed")
             self.logger.finish(1)
             raise
         finally:
-            self.store.close()
-        write_heartbeat(self.run.path, "finished")
+            for store in self.stores:
+                store.close()
+        self._heartbeat("finished")
         self.logger.finish()
+        self.dist.barrier()
         return metrics
 
     def train_to_budget(self) -> None:
@@ -272,28 +277,38 @@ class Trainer:
         checkpoint_seconds = cfg.checkpoint.checkpoint_every_minutes * 60
         last_checkpoint = window_start = time.perf_counter()
         window_tokens = 0
-        with self._stop_on_signals():
+        with self.stop:
             while self.tokens < t.training_tokens:
-                batch = self.store.next_batch()
+                acts = self._next_batch()
                 coefficient = sparsity_coefficient(self.step, 1.0, t.l1_warm_up_steps)
                 for slot in self.slots:
-                    self._train_step(slot, batch.acts[slot.hook], coefficient)
+                    self._train_step(slot, acts[slot.hook], coefficient)
                 self.step += 1
                 self.tokens += self.batch_size
                 window_tokens += self.batch_size
                 bar.update(self.batch_size)
                 if next_resample and self.tokens >= next_resample:
-                    self._resample(batch.acts)
+                    self._resample(acts)
                     next_resample += t.resample_every_tokens
                 now = time.perf_counter()
                 eval_due = bool(next_eval) and self.tokens >= next_eval
-                checkpoint_due = (
-                    (bool(next_checkpoint) and self.tokens >= next_checkpoint)
-                    or (checkpoint_seconds > 0 and now - last_checkpoint >= checkpoint_seconds)
-                    or self.stop_signal is not None
-                    or self.tokens >= t.training_tokens
+                checkpoint_due = (bool(next_checkpoint) and self.tokens >= next_checkpoint) or (
+                    self.tokens >= t.training_tokens
                 )
-                if self.step % t.log_every_steps == 0 or eval_due or checkpoint_due:
+                log_due = self.step % t.log_every_steps == 0 or eval_due or checkpoint_due
+                if not self.dist.enabled:
+                    # One process can act on a signal or the clock at any step; several agree
+                    # on them at logging steps only, where they synchronize anyway.
+                    timer_due = (
+                        checkpoint_seconds > 0 and now - last_checkpoint >= checkpoint_seconds
+                    )
+                    log_due = log_due or timer_due or self.stop.received is not None
+                if log_due:
+                    stopping, timer_due = self._agree(
+                        self.stop.received is not None,
+                        checkpoint_seconds > 0 and now - last_checkpoint >= checkpoint_seconds,
+                    )
+                    checkpoint_due = checkpoint_due or timer_due or stopping
                     self.elapsed += now - window_start
                     rows = self._log_rows(
                         window_tokens / max(now - window_start, 1e-9), coefficient
@@ -301,10 +316,11 @@ class Trainer:
                     if eval_due:
                         self._add_eval(rows)
                         next_eval += cfg.eval.eval_every_tokens
-                    self.run.append_metrics(rows)
-                    self.logger.log_rows(rows)
-                    write_heartbeat(self.run.path, "running")
-                    bar.set_postfix(_postfix(rows[0]))
+                    if self.dist.is_main:
+                        self.run.append_metrics(rows)
+                        self.logger.log_rows(rows)
+                        self._heartbeat("running")
+                        bar.set_postfix(_postfix(rows[0]))
                     if checkpoint_due:
                         self.save_checkpoint()
                         last_checkpoint = time.perf_counter()
@@ -313,86 +329,34 @@ class Trainer:
                                 cfg.checkpoint.checkpoint_every_tokens
                             )
                     window_start, window_tokens = time.perf_counter(), 0
-                if self.stop_signal is not None:
-                    bar.close()
-                    raise TrainingStopped(
-                        f"stopped by signal {signal.Signals(self.stop_signal).name} at step "
-                        f"{self.step} ({self.tokens:,} tokens); checkpoint saved. Resume with: "
-                        f"drrik train --resume {self.run.path}",
-                        self.stop_signal,
-                    )
+                    # A signal that arrives after this agreement (during logging, an eval or a
+                    # save) stops the run at the next logging step, after its checkpoint.
+                    if stopping:
+                        bar.close()
+                        signum = self.stop.received or signal.SIGTERM
+                        raise TrainingStopped(
+                            f"stopped by signal {signal.Signals(signum).name} at step "
+                            f"{self.step} ({self.tokens:,} tokens); checkpoint saved. Resume "
+                            f"with: drrik train --resume {self.run.path}",
+                            signum,
+                        )
         bar.close()
-
-    @contextlib.contextmanager
-    def _stop_on_signals(self) -> Any:
-        """First SIGTERM/SIGINT: finish the step, checkpoint, stop. Second: exit at once.
-
-        Exiting at once is safe because every file drrik writes is replaced atomically.
-        """
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def handler(signum: int, frame: Any) -> None:
-            if self.stop_signal is not None:
-                print(f"\ndrrik: second {signal.Signals(signum).name}, exiting now", flush=True)
-                os._exit(128 + signum)
-            self.stop_signal = signum
-            print(
-                f"\ndrrik: {signal.Signals(signum).name} received; finishing the step and "
-                "writing a checkpoint (send it again to exit at once)",
-                flush=True,
-            )
-
-        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            yield
-        finally:
-            for sig, old in previous.items():
-                signal.signal(sig, old)
-
-    # -- checkpoints -------------------------------------------------------------------------
-    def save_checkpoint(self) -> Path | None:
-        run_id = self.logger.run_id if self.logger is not None else None
-        extra = {"wandb_run_id": run_id} if run_id else {}
-        return self.checkpoints.save(self.state_dict(), self.step, self.tokens, extra)
-
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue this run exactly where it is."""
-        return {
-            "step": self.step,
-            "tokens": self.tokens,
-            "elapsed": self.elapsed,
-            "slots": [
-                {
-                    "name": slot.name,
-                    "sae": slot.sae.state_dict(),
-                    "optimizer": slot.optimizer.state_dict(),
-                    "scheduler": slot.scheduler.state_dict(),
-                    "tracker": slot.tracker.state_dict(),
-                    "scale": slot.scale,
-                }
-                for slot in self.slots
-            ],
-            "store": self.store.state_dict(),
-            "rng": rng_state(),
-            "config": self.cfg.to_dict(),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed"]
-        for slot, saved in zip(self.slots, state["slots"], strict=True):
-            require(slot.name == saved["name"], "resume", saved["name"], "SAE names differ")
-            slot.sae.load_state_dict(saved["sae"])
-            slot.optimizer.load_state_dict(saved["optimizer"])
-            slot.scheduler.load_state_dict(saved["scheduler"])
-            slot.tracker.load_state_dict(saved["tracker"])
-            slot.scale = saved["scale"]
-        self.store.load_state_dict(state["store"])
-        set_rng_state(state["rng"])
 
     def _next_multiple(self, every: int) -> int:
         return (self.tokens // every + 1) * every if every else 0
+
+    def _agree(self, stopping: bool, timer_due: bool) -> tuple[bool, bool]:
+        """Whether any rank was signalled, or rank 0's clock says a checkpoint is due."""
+        flags = torch.tensor([float(stopping), float(timer_due and self.dist.is_main)])
+        stop, timer = self.dist.max_(flags).tolist()
+        return stop > 0, timer > 0
+
+    def _next_batch(self) -> dict[str, torch.Tensor]:
+        """This rank's share of the global batch: its shards' batches, in shard order."""
+        batches = [store.next_batch().acts for store in self.stores]
+        if len(batches) == 1:
+            return batches[0]
+        return {hook: torch.cat([b[hook] for b in batches]) for hook in self.hooks}
 
     def _train_step(self, slot: SAESlot, acts: torch.Tensor, coefficient: float) -> None:
         t, sae_cfg = self.cfg.trainer, slot.sae.cfg
@@ -406,16 +370,25 @@ class Trainer:
         with autocast:
             out = slot.sae.training_forward(x, coefficient * sae_cfg.l1_coefficient, dead)
         out.loss.backward()
+        params = list(slot.sae.parameters())
+        self.dist.average_gradients(params)
         if t.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(slot.sae.parameters(), t.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
         slot.sae.remove_parallel_decoder_grad()
         slot.optimizer.step()
         slot.optimizer.zero_grad(set_to_none=True)
         slot.sae.normalize_decoder_rows()
         slot.scheduler.step()
-        slot.tracker.update(out.feature_acts)
+        with torch.no_grad():
+            fired = (out.feature_acts > 0).any(dim=0)
+            if self.dist.enabled:
+                fired = self.dist.max_(fired.to(torch.uint8)).bool()
+                for buffer in slot.sae.buffers():  # e.g. BatchTopK's learned threshold
+                    if buffer.is_floating_point():
+                        self.dist.average_(buffer)
+        slot.tracker.record(fired, self.batch_size)
         finite = torch.isfinite(out.loss)
-        step = torch.tensor(self.step, device=finite.device)
+        step = torch.tensor(self.step + 1, device=finite.device)  # numbered as metrics rows
         if slot.nonfinite_step is None:
             slot.nonfinite_step = torch.full_like(step, -1)
         first_bad = (~finite) & (slot.nonfinite_step < 0)
@@ -432,29 +405,41 @@ class Trainer:
 
     @torch.no_grad()
     def _resample(self, acts: dict[str, torch.Tensor]) -> None:
+        """Resample on rank 0's inputs and give every rank the result."""
         for slot in self.slots:
             dead = slot.tracker.dead_mask(self.cfg.trainer.dead_feature_window)
             x = acts[slot.hook].to(slot.sae.W_dec.dtype) * slot.scale
             resample_dead_features(slot.sae, slot.optimizer, dead, x)
             slot.tracker.tokens_since_fired.masked_fill_(dead, 0)
+            moments = [
+                v
+                for state in slot.optimizer.state.values()
+                for v in state.values()
+                if isinstance(v, torch.Tensor)
+            ]
+            self.dist.broadcast_(list(slot.sae.parameters()) + moments)
 
     def _log_rows(self, tokens_per_second: float, coefficient: float) -> list[dict[str, Any]]:
-        """Fetch every slot's sums in one transfer, check them, and turn them into rows."""
+        """Fetch every slot's sums in one transfer (reduced over ranks), check, make rows."""
         window = self.cfg.trainer.dead_feature_window
         keys = [sorted(s.sums) for s in self.slots]
-        packed = torch.stack(
+        sums = torch.stack(
+            [s.sums[k] for s, names in zip(self.slots, keys, strict=True) for k in names]
+        )
+        flags = torch.stack(
             [
                 v
-                for slot, names in zip(self.slots, keys, strict=True)
-                for v in [slot.sums[k] for k in names]
-                + [slot.nonfinite_step.float(), slot.tracker.dead_mask(window).sum().float()]
+                for s in self.slots
+                for v in (s.nonfinite_step.float(), s.tracker.dead_mask(window).sum().float())
             ]
-        ).tolist()
-        rows, i = [], 0
-        for slot, names in zip(self.slots, keys, strict=True):
-            values = dict(zip(names, packed[i : i + len(names)], strict=True))
-            bad_step, dead = packed[i + len(names)], packed[i + len(names) + 1]
-            i += len(names) + 2
+        )
+        sums = self.dist.average_(sums).tolist()
+        flags = self.dist.max_(flags).tolist()
+        rows = []
+        for i, (slot, names) in enumerate(zip(self.slots, keys, strict=True)):
+            values = dict(zip(names, sums[: len(names)], strict=True))
+            sums = sums[len(names) :]
+            bad_step, dead = flags[2 * i], flags[2 * i + 1]
             if bad_step >= 0:
                 raise TrainingDiverged(
                     f"SAE {slot.name}: the loss became NaN or Inf at step {int(bad_step)}; "
@@ -462,22 +447,83 @@ class Trainer:
                     "coefficient, or keep --max-grad-norm on"
                 )
             steps = values.pop("steps")
-            row = {
-                "step": self.step,
-                "tokens": self.tokens,
-                "tokens_per_second": tokens_per_second,
-                "elapsed_s": self.elapsed,
-                "sae": slot.name,
-                "lr": slot.scheduler.get_last_lr()[0],
-                "sparsity_coefficient": coefficient * slot.sae.cfg.l1_coefficient,
-                "dead_features": int(dead),
-                **{k: v / steps for k, v in values.items()},
-            }
-            rows.append(row)
+            rows.append(
+                {
+                    "step": self.step,
+                    "tokens": self.tokens,
+                    "tokens_per_second": tokens_per_second * self.dist.world_size,
+                    "elapsed_s": self.elapsed,
+                    "sae": slot.name,
+                    "lr": slot.scheduler.get_last_lr()[0],
+                    "sparsity_coefficient": coefficient * slot.sae.cfg.l1_coefficient,
+                    "dead_features": int(dead),
+                    **{k: v / steps for k, v in values.items()},
+                }
+            )
             slot.sums = {}
         return rows
 
-    # -- evaluation and output ---------------------------------------------------------------
+    def _heartbeat(self, state: str) -> None:
+        if self.dist.is_main:
+            write_heartbeat(self.run.path, state)
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path | None:
+        """Gather every rank's store state; rank 0 writes the checkpoint."""
+        stores = self.dist.gather(self._store_states())
+        if not self.dist.is_main:
+            return None
+        state = self.state_dict({k: v for per_rank in stores for k, v in per_rank.items()})
+        run_id = self.logger.run_id if self.logger is not None else None
+        extra = {"wandb_run_id": run_id} if run_id else {}
+        return self.checkpoints.save(state, self.step, self.tokens, extra)
+
+    def _store_states(self) -> dict[int, Any]:
+        return {shard: s.state_dict() for shard, s in zip(self.shards, self.stores, strict=True)}
+
+    def state_dict(self, stores: dict[int, Any] | None = None) -> dict[str, Any]:
+        """Everything needed to continue this run exactly where it is."""
+        return {
+            "step": self.step,
+            "tokens": self.tokens,
+            "elapsed": self.elapsed,
+            "slots": [
+                {
+                    "name": slot.name,
+                    "sae": slot.sae.state_dict(),
+                    "optimizer": slot.optimizer.state_dict(),
+                    "scheduler": slot.scheduler.state_dict(),
+                    "tracker": slot.tracker.state_dict(),
+                    "scale": slot.scale,
+                }
+                for slot in self.slots
+            ],
+            "stores": self._store_states() if stores is None else stores,
+            "rng": rng_state(),
+            "config": self.cfg.to_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state["stores"]) != self.n_shards:
+            raise ConfigError(
+                "data_shards",
+                self.n_shards,
+                f"the checkpoint holds {len(state['stores'])} data shards; resume with "
+                f"--data-shards {len(state['stores'])} and a process count that divides it",
+            )
+        self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed"]
+        for slot, saved in zip(self.slots, state["slots"], strict=True):
+            require(slot.name == saved["name"], "resume", saved["name"], "SAE names differ")
+            slot.sae.load_state_dict(saved["sae"])
+            slot.optimizer.load_state_dict(saved["optimizer"])
+            slot.scheduler.load_state_dict(saved["scheduler"])
+            slot.tracker.load_state_dict(saved["tracker"])
+            slot.scale = saved["scale"]
+        for shard, store in zip(self.shards, self.stores, strict=True):
+            store.load_state_dict(state["stores"][shard])
+        set_rng_state(state["rng"])
+
+    # -- evaluation and output (rank 0) ------------------------------------------------------
     def evaluate(self) -> tuple[dict[str, dict[str, float]], dict[str, torch.Tensor]]:
         """Held-out metrics and feature densities of every SAE."""
         for slot in self.slots:
@@ -487,7 +533,7 @@ class Trainer:
                 self.model,
                 [slot.eval_target() for slot in self.slots],
                 self.eval_contexts,
-                self.store.exclude,
+                self.stores[0].exclude,
                 self.cfg.eval.dense_threshold,
             )
         finally:
@@ -495,23 +541,24 @@ class Trainer:
                 slot.sae.train()
 
     def _add_eval(self, rows: list[dict[str, Any]]) -> None:
-        write_heartbeat(self.run.path, "running")  # an evaluation can outlast the stale limit
+        if not self.dist.is_main:
+            return
+        self._heartbeat("running")  # an evaluation can outlast the stale limit
         metrics, densities = self.evaluate()
         for row in rows:
             row.update({f"eval/{k}": v for k, v in metrics[row["sae"]].items()})
-            if self.logger is not None:
-                prefix = f"{row['sae']}/" if len(rows) > 1 else ""
-                density = torch.log10(densities[row["sae"]] + 1e-10)
-                self.logger.log_histogram(
-                    f"{prefix}eval/log10_feature_density", density, self.tokens
-                )
+            prefix = f"{row['sae']}/" if len(rows) > 1 else ""
+            density = torch.log10(densities[row["sae"]] + 1e-10)
+            self.logger.log_histogram(f"{prefix}eval/log10_feature_density", density, self.tokens)
 
     def final_dir(self, slot: SAESlot) -> Path:
         single = len(self.slots) == 1
         return self.run.final_path if single else self.run.final_path / slot.name
 
     def finish(self) -> dict[str, dict[str, float]]:
-        """Final evaluation, then each SAE saved with its input scale folded in."""
+        """Final evaluation, then each SAE saved with its input scale folded in (rank 0)."""
+        if not self.dist.is_main:
+            return {}
         metrics, densities = self.evaluate()
         for slot in self.slots:
             sae = build_sae(slot.sae.cfg, device=self.device)
@@ -528,10 +575,9 @@ class Trainer:
             }
             sparsity = torch.log10(densities[slot.name] + 1e-10)
             path = sae.save(self.final_dir(slot), sparsity=sparsity, metadata=metadata)
-            if self.logger is not None:
-                prefix = f"{slot.name}/" if len(self.slots) > 1 else ""
-                self.logger.log_histogram(f"{prefix}log10_feature_density", sparsity, self.tokens)
-                self.logger.log_artifact(path, f"sae-{slot.name or 'final'}".replace("=", "-"))
+            prefix = f"{slot.name}/" if len(self.slots) > 1 else ""
+            self.logger.log_histogram(f"{prefix}log10_feature_density", sparsity, self.tokens)
+            self.logger.log_artifact(path, f"sae-{slot.name or 'final'}".replace("=", "-"))
         if self.verbose:
             print(format_metrics(metrics))
             print(f"saved to {self.run.final_path.resolve()}")
@@ -545,25 +591,6 @@ def _postfix(row: dict[str, Any]) -> dict[str, str]:
         "EV": f"{row['explained_variance']:.3f}",
         "tok/s": f"{row['tokens_per_second']:.0f}",
     }
-
-
-def format_metrics(metrics: dict[str, dict[str, float]]) -> str:
-    """A plain-text table: one column per SAE, one row per metric."""
-    names = list(metrics)
-    keys = list(next(iter(metrics.values())))
-    width = max(len(k) for k in keys) + 2
-    cols = [max(len(n), 10) for n in names]
-    lines = [
-        "metric".ljust(width) + "  ".join(n.rjust(c) for n, c in zip(names, cols, strict=True))
-    ]
-    for key in keys:
-        cells = []
-        for name, c in zip(names, cols, strict=True):
-            value = metrics[name][key]
-            text = f"{value:d}" if isinstance(value, int) else f"{value:.4g}"
-            cells.append(text.rjust(c))
-        lines.append(key.ljust(width) + "  ".join(cells))
-    return "\n".join(lines)
 
 
 def train(cfg: RunConfig, **kwargs: Any) -> dict[str, dict[str, float]]:

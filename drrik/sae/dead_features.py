@@ -29,8 +29,13 @@ class DeadFeatureTracker:
     def update(self, feature_acts: Tensor) -> None:
         """Count the batch's tokens; reset features that fired on any of them. No host sync."""
         acts = feature_acts.reshape(-1, feature_acts.shape[-1])
-        fired = (acts > 0).any(dim=0)
-        self.tokens_since_fired.add_(acts.shape[0]).masked_fill_(fired, 0)
+        self.record((acts > 0).any(dim=0), acts.shape[0])
+
+    @torch.no_grad()
+    def record(self, fired: Tensor, tokens: int) -> None:
+        """Count ``tokens`` and reset the ``fired`` features (data parallelism passes the
+        firing mask all-reduced over ranks and the global token count)."""
+        self.tokens_since_fired.add_(tokens).masked_fill_(fired, 0)
 
     def dead_mask(self, window_tokens: int) -> Tensor:
         """Bool ``[d_sae]``: features that have not fired in the last ``window_tokens`` tokens."""

@@ -1,0 +1,116 @@
+"""Data parallelism over torch.distributed, launched by torchrun; a no-op in one process.
+
+Each rank streams its own data shards through its own copy of the model; SAE gradients are
+averaged across ranks with one all-reduce per SAE and step (the collective DDP would run), so
+every rank holds the same SAE. Only rank 0 writes files. Collectives have a configured timeout,
+so a dead or hung rank stops the job in bounded time instead of hanging it forever.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from drrik.errors import require
+
+
+@dataclass
+class Distributed:
+    """This process's place in the job: rank, world size, and the collectives drrik uses."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @classmethod
+    def from_environment(cls, device: str, timeout_minutes: float) -> Distributed:
+        """Join the torchrun job described by the environment, if there is one."""
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size == 1:
+            return cls()
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        if not dist.is_initialized():
+            on_gpu = device.startswith("cuda")
+            if on_gpu:
+                torch.cuda.set_device(local_rank)
+            dist.init_process_group(
+                backend="nccl" if on_gpu else "gloo",
+                timeout=timedelta(minutes=timeout_minutes),
+            )
+        return cls(rank, world_size, local_rank)
+
+    def device(self, configured: str) -> torch.device:
+        """Under torchrun each rank takes its own GPU: cuda becomes cuda:LOCAL_RANK."""
+        if self.enabled and configured == "cuda":
+            return torch.device("cuda", self.local_rank)
+        return torch.device(configured)
+
+    def local_shards(self, n_shards: int) -> list[int]:
+        """The data shards this rank streams: a contiguous block of n_shards / world_size."""
+        require(
+            n_shards % self.world_size == 0,
+            "data_shards",
+            n_shards,
+            f"must be a multiple of the number of processes ({self.world_size})",
+        )
+        per_rank = n_shards // self.world_size
+        return list(range(self.rank * per_rank, (self.rank + 1) * per_rank))
+
+    # -- collectives (identity in one process) -----------------------------------------------
+    def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """Average gradients over ranks in one flat all-reduce."""
+        grads = [p.grad for p in params if p.grad is not None]
+        if not self.enabled or not grads:
+            return
+        flat = _flatten_dense_tensors(grads)
+        dist.all_reduce(flat)
+        flat.div_(self.world_size)
+        for grad, synced in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
+            grad.copy_(synced)
+
+    def average_(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            dist.all_reduce(tensor)
+            tensor.div_(self.world_size)
+        return tensor
+
+    def max_(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor
+
+    def broadcast_(self, tensors: list[torch.Tensor]) -> None:
+        """Make every rank's tensors equal to rank 0's."""
+        if self.enabled:
+            for tensor in tensors:
+                dist.broadcast(tensor, src=0)
+
+    def gather(self, obj: Any) -> list[Any] | None:
+        """Every rank's ``obj`` on rank 0 (in rank order); None elsewhere."""
+        if not self.enabled:
+            return [obj]
+        gathered: list[Any] | None = [None] * self.world_size if self.is_main else None
+        dist.gather_object(obj, gathered, dst=0)
+        return gathered
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,383 @@
+"""Steer a language model's generation with SAE feature directions.
+
+A forward hook at the SAE's hook point changes the activation on every position while the
+model generates with its own KV-cached loop (``TransformerBridge.generate``), all under
+``torch.no_grad``:
+
+- ``add`` mode adds ``strength * W_dec[f]`` for each steered feature ``f``: as if the feature
+  fired with activation ``strength`` on top of what is there;
+- ``clamp`` mode sets the feature's activation instead: it adds ``(strength - a_f(x)) * W_dec[f]``
+  where ``a_f(x)`` is the SAE's current activation of ``f``, so in the SAE's decomposition of
+  the new activation feature ``f`` contributes exactly ``strength`` (0 ablates it).
+
+Strengths are in units of the feature's typical maximum activation (``units="max"``: its max
+over the saved analysis, so 1.0 means "as strongly as it ever fires") or absolute activation
+values (``units="absolute"``). BOS/EOS/pad positions of the prompt are left alone, as in
+training. The change is computed in float32 and cast to the model's dtype, so fp16/bf16 models
+steer as well. With every strength 0 in ``add`` mode the output is exactly the unsteered one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from drrik.analysis import AnalysisConfig, SavedSAE, analyze
+from drrik.data import SpecialTokens
+from drrik.errors import require
+from drrik.model import run_hooks
+from drrik.sae import SAE
+
+MODES = ("add", "clamp")
+UNITS = ("max", "absolute")
+CALIBRATION_TOKENS = 16_384
+"""Tokens analysed to find features' max activations when a run has no saved analysis."""
+
+
+class SAESteering:
+    """Generate text from ``model`` with features of ``sae`` (read at ``hook``) steered.
+
+    ``max_activations [d_sae]`` gives the scale of ``units="max"``; :meth:`from_run` reads it
+    from the run's saved analysis.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        sae: SAE,
+        hook: str,
+        max_activations: Tensor | None = None,
+        prepend_bos: bool = True,
+    ) -> None:
+        require(hook in model.hook_dict, "hook", hook, "the model has no such hook")
+        self.model, self.sae, self.hook = model, sae.eval(), hook
+        self.max_activations = max_activations
+        self.prepend_bos = prepend_bos
+        self.tokenizer = model.tokenizer
+        self.special = SpecialTokens.of(self.tokenizer)
+        self.device = next(model.parameters()).device
+
+    @classmethod
+    def from_run(
+        cls,
+        path: str | Path,
+        *,
+        model: Any = None,
+        device: str = "cpu",
+        sae_name: str | None = None,
+    ) -> SAESteering:
+        """Steering with a run's (or saved SAE's) SAE, its model and its saved analysis.
+
+        Without a saved analysis, a short one (:data:`CALIBRATION_TOKENS`, not saved) finds
+        the features' max activations.
+        """
+        saved = SavedSAE.locate(path, sae_name)
+        lm = saved.load_model(model, device)
+        if saved.has_analysis():
+            max_acts = saved.load_analysis().max_activation
+        else:
+            cfg = AnalysisConfig(n_tokens=CALIBRATION_TOKENS, logit_k=1)
+            calibration = analyze(path, cfg, sae_name=sae_name, model=lm, device=device, save=False)
+            max_acts = calibration.max_activation
+        prepend_bos = bool(saved.metadata.get("prepend_bos", True))
+        return cls(lm, saved.load_sae(device), saved.hook, max_acts, prepend_bos)
+
+    # -- prompts -----------------------------------------------------------------------------
+    def _encode(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """Left-padded ``[batch, len]`` tokens (BOS first when the SAE saw one) and their mask."""
+        rows = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+        if self.prepend_bos:
+            rows = [[self.special.bos, *r] for r in rows]
+        require(all(rows), "prompt", "", "give a non-empty prompt")
+        width = max(len(r) for r in rows)
+        pad = self.special.pad if self.special.pad is not None else self.special.eos or 0
+        tokens = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        return tokens.to(self.device), mask.to(self.device)
+
+    def _coefficients(
+        self, features: Sequence[int], strengths: Tensor, units: str
+    ) -> tuple[Tensor, Tensor]:
+        """Feature ids ``[n]`` and activation values ``[batch, n]`` in absolute units."""
+        require(units in UNITS, "units", units, f"use one of {UNITS}")
+        for f in features:
+            require(0 <= f < self.sae.d_sae, "feature", f, f"use ids in [0, {self.sae.d_sae})")
+        ids = torch.tensor(list(features), dtype=torch.long, device=self.sae.W_dec.device)
+        values = strengths.to(self.sae.W_dec.device, torch.float32)
+        if units == "max":
+            require(
+                self.max_activations is not None,
+                "units",
+                units,
+                "no max activations known; run drrik analyze first or use units='absolute'",
+            )
+            values = values * self.max_activations.to(values)[ids]  # type: ignore[union-attr]
+        return ids, values
+
+    @contextlib.contextmanager
+    def _steered(
+        self, ids: Tensor, values: Tensor, mode: str, prompt_keep: Tensor
+    ) -> Iterator[None]:
+        """Hook the model so that every forward pass applies the steering.
+
+        ``values [batch, n]``: one row per prompt. The first pass sees the whole prompt (then
+        one position per step, through the KV cache); special-token positions of the prompt
+        (``prompt_keep`` false) are left alone.
+        """
+        require(mode in MODES, "mode", mode, f"use one of {MODES}")
+        directions = self.sae.W_dec[ids].float()  # [n, d_in]
+        calls = 0
+
+        def hook(act: Tensor, hook: Any) -> Tensor:
+            nonlocal calls
+            coef = values[:, None, :]  # [batch, 1, n]
+            if mode == "clamp":
+                current = self.sae.encode(act)[..., ids].float()
+                coef = coef - current
+            delta = coef.to(act.device) @ directions.to(act.device)  # [batch, pos|1, d_in]
+            if calls == 0:
+                delta = delta * prompt_keep[:, :, None].to(delta)
+            calls += 1
+            return act + delta.to(act.dtype)
+
+        with self.model.hooks(fwd_hooks=[(self.hook, hook)]):
+            yield
+
+    # -- generation --------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate_batch(
+        self,
+        prompts: Sequence[str],
+        features: Sequence[int] = (),
+        strengths: Tensor | Sequence[float] | float = 1.0,
+        *,
+        mode: str = "add",
+        units: str = "max",
+        max_new_tokens: int = 30,
+        temperature: float = 0.0,
+        top_p: float | None = None,
+        seed: int | None = 0,
+    ) -> list[str]:
+        """Continuations of ``prompts`` (without the prompt), one batched KV-cached generation.
+
+        ``strengths`` is a number, one per feature, or a ``[len(prompts), len(features)]``
+        tensor giving each prompt its own strengths. ``temperature`` 0 is greedy; otherwise
+        tokens are sampled (``top_p`` nucleus) from a generator seeded with ``seed``.
+        """
+        require(temperature >= 0, "temperature", temperature, "use a value >= 0")
+        require(max_new_tokens > 0, "max_new_tokens", max_new_tokens, "use a positive number")
+        tokens, mask = self._encode(prompts)
+        values = torch.as_tensor(strengths, dtype=torch.float32).expand(len(prompts), len(features))
+        steering = contextlib.nullcontext()
+        if features:
+            ids, absolute = self._coefficients(features, values, units)
+            keep = mask.bool() & ~torch.isin(tokens, torch.tensor(self.special.ids()).to(tokens))
+            steering = self._steered(ids, absolute, mode, keep)
+        sampling = {"do_sample": temperature > 0}
+        if temperature > 0:
+            sampling.update(temperature=temperature, top_p=top_p)
+        rng = torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
+        with rng, steering:
+            if seed is not None:
+                torch.manual_seed(seed)
+            out = self.model.generate(
+                tokens,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                verbose=False,
+                return_type="tokens",
+                **sampling,
+            )
+        return self.tokenizer.batch_decode(out[:, tokens.shape[1] :], skip_special_tokens=True)
+
+    def generate(
+        self,
+        text: str | Sequence[str],
+        feature_idx: int | Sequence[int] | None = None,
+        strength: float | Sequence[float] = 1.0,
+        max_new_tokens: int = 30,
+        temperature: float = 0.0,
+        top_p: float | None = None,
+        *,
+        mode: str = "add",
+        units: str = "max",
+        seed: int | None = 0,
+    ) -> str | list[str]:
+        """Steered continuation of ``text`` (a prompt or a list of prompts).
+
+        ``feature_idx``: one feature or several, ``strength``: one for all or one per feature;
+        None steers nothing (the baseline).
+        """
+        if feature_idx is None:
+            features = []
+        else:
+            features = [feature_idx] if isinstance(feature_idx, int) else list(feature_idx)
+        prompts = [text] if isinstance(text, str) else list(text)
+        outputs = self.generate_batch(
+            prompts,
+            features,
+            strength,
+            mode=mode,
+            units=units,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+        )
+        return outputs[0] if isinstance(text, str) else outputs
+
+    def compare_steering(
+        self,
+        text: str,
+        feature_idx: int,
+        strengths: Sequence[float] = (2.0, 5.0, 10.0),
+        max_new_tokens: int = 30,
+        temperature: float = 0.0,
+        *,
+        mode: str = "add",
+        units: str = "max",
+        seed: int | None = 0,
+        show: bool = True,
+    ) -> dict[str, str]:
+        """Baseline and one continuation per strength, generated as one batch; printed as a
+        table when ``show``. Keys: ``baseline`` and ``strength=<s>``."""
+        rows = [0.0, *strengths] if mode == "add" else list(strengths)
+        outputs = self.generate_batch(
+            [text] * len(rows),
+            [feature_idx],
+            torch.tensor(rows)[:, None],
+            mode=mode,
+            units=units,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            seed=seed,
+        )
+        if mode == "add":
+            baseline = outputs.pop(0)
+        else:
+            baseline = self.generate_batch(
+                [text], max_new_tokens=max_new_tokens, temperature=temperature, seed=seed
+            )[0]
+        results = {"baseline": baseline}
+        results.update({f"strength={s:g}": o for s, o in zip(strengths, outputs, strict=True)})
+        if show:
+            unit = "x max" if units == "max" else ""
+            print(f"prompt: {text!r}   feature {feature_idx}, {mode} mode")
+            width = max(len(k) for k in results) + len(unit) + 1
+            for key, value in results.items():
+                label = key if key == "baseline" else f"{key}{unit}"
+                print(f"  {label:<{width}} | {value!r}")
+        return results
+
+    @torch.no_grad()
+    def find_steering_features(
+        self, text: str, top_k: int = 20, min_activation: float = 0.0
+    ) -> list[dict[str, Any]]:
+        """Features active on the tokens of ``text``, strongest first (by max activation
+        relative to the feature's own max, when known, else by raw activation)."""
+        tokens, _ = self._encode([text])
+        acts = run_hooks(self.model, tokens, [self.hook])[self.hook]
+        feats = self.sae.encode(acts[0].to(self.sae.W_dec.device)).float()  # [pos, d_sae]
+        keep = ~torch.isin(tokens[0], torch.tensor(self.special.ids()).to(tokens))
+        feats = feats * keep[:, None].to(feats)
+        peak, where = feats.max(dim=0)
+        score = peak
+        if self.max_activations is not None:
+            score = peak / self.max_activations.to(peak).clamp_min(1e-12)
+        order = score.argsort(descending=True)
+        ranked = []
+        for f in order[:top_k].tolist():
+            if peak[f] <= min_activation or peak[f] <= 0:
+                break
+            token = int(tokens[0, where[f]])
+            ranked.append(
+                {
+                    "feature": f,
+                    "max_activation": float(peak[f]),
+                    "relative_to_feature_max": float(score[f])
+                    if self.max_activations is not None
+                    else None,
+                    "active_tokens": int((feats[:, f] > 0).sum()),
+                    "top_token": self.tokenizer.decode([token]),
+                }
+            )
+        return ranked
+
+    def get_steering_direction(self, feature_idx: int, normalize: bool = True) -> Tensor:
+        """The feature's decoder row (unit norm when ``normalize``), float32 on the CPU."""
+        require(0 <= feature_idx < self.sae.d_sae, "feature", feature_idx, "no such feature")
+        row = self.sae.W_dec[feature_idx].detach().float().cpu()
+        return row / row.norm().clamp_min(1e-12) if normalize else row
+
+
+def cmd_steer(argv: list[str]) -> int:
+    """``drrik steer DIR``: generate with SAE features steered; print baseline and steered."""
+    parser = argparse.ArgumentParser(
+        prog="drrik steer",
+        description="Generate text with SAE feature directions added (or clamped) at the SAE's "
+        "hook, and print it next to the unsteered baseline.",
+    )
+    parser.add_argument("dir", type=Path, help="run directory or saved SAE directory")
+    parser.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
+    parser.add_argument("--feature", type=int, action="append", default=[], help="repeatable")
+    parser.add_argument(
+        "--strength",
+        type=float,
+        action="append",
+        default=[],
+        help="one for all features or one per --feature (default 1)",
+    )
+    parser.add_argument("--compare", help="comma-separated strengths: a table for one feature")
+    parser.add_argument("--mode", choices=MODES, default="add")
+    parser.add_argument("--units", choices=UNITS, default="max")
+    parser.add_argument("--max-new-tokens", type=int, default=30)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--find", action="store_true", help="list the features active on prompts")
+    parser.add_argument("--sae", help="which SAE of a run that trained several")
+    parser.add_argument("--model", help="model (default: the one the SAE was trained on)")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    strengths = args.strength or [1.0]
+    require(
+        len(strengths) in (1, len(args.feature)),
+        "strength",
+        strengths,
+        "give one --strength for all features or one per --feature",
+    )
+    steering = SAESteering.from_run(
+        args.dir, model=args.model, device=args.device, sae_name=args.sae
+    )
+    if args.find:
+        for prompt in args.prompt:
+            print(f"features active on {prompt!r}:")
+            for row in steering.find_steering_features(prompt):
+                print(f"  {row}")
+        return 0
+    require(bool(args.feature), "feature", None, "name at least one --feature (or use --find)")
+    common = {
+        "mode": args.mode,
+        "units": args.units,
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "seed": args.seed,
+    }
+    if args.compare:
+        values = [float(s) for s in args.compare.split(",") if s.strip()]
+        for prompt in args.prompt:
+            steering.compare_steering(prompt, args.feature[0], values, **common)
+        return 0
+    base = steering.generate_batch(args.prompt, top_p=args.top_p, **common)
+    steered = steering.generate_batch(
+        args.prompt, args.feature, strengths, top_p=args.top_p, **common
+    )
+    for prompt, b, s in zip(args.prompt, base, steered, strict=True):
+        print(f"prompt:   {prompt!r}\nbaseline: {b!r}\nsteered:  {s!r}\n")
+    return 0
