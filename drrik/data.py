@@ -248,7 +248,10 @@ class ContextStream:
 
     # -- contexts --------------------------------------------------------------------------
     def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
-        """Yield ``[batch_size, context_size]`` int64 batches; ``self.state`` follows each yield."""
+        """Yield ``[batch_size, context_size]`` int64 batches; ``self.state`` follows each yield.
+
+        A stream that does not cycle ends with a last, possibly smaller, batch.
+        """
         bos = self.special.bos
         body = self.cfg.context_size - (1 if self.cfg.prepend_bos else 0)
         prefix = [bos] if self.cfg.prepend_bos else []
@@ -286,6 +289,9 @@ class ContextStream:
                     self.state.pending = list(pending)
                     yield torch.tensor(contexts, dtype=torch.long)
                     contexts = []
+        if contexts:  # a finite (eval) stream ends with what it has
+            self.state.pending = list(pending)
+            yield torch.tensor(contexts, dtype=torch.long)
 
     def state_dict(self) -> dict[str, Any]:
         """The exact position after the last yielded batch."""

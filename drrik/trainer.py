@@ -116,6 +116,8 @@ class Trainer:
             cfg.out,
             "name the run directory (--out) when training with several processes",
         )
+        # The config saved is the one used: 0 data shards means one per process.
+        cfg.distributed.data_shards = cfg.distributed.data_shards or self.dist.world_size
         self.run = RunDir(cfg.out or default_run_name(cfg))
         self.run.check_reusable(cfg)
         cfg.wandb.resolved_mode()  # a bad WANDB_MODE fails before the model loads
@@ -130,7 +132,7 @@ class Trainer:
         )
         self.hooks = cfg.model.hook_names
         dataset = dataset if dataset is not None else load_source(cfg.data)
-        self.n_shards = cfg.distributed.data_shards or self.dist.world_size
+        self.n_shards = cfg.distributed.data_shards
         self.shards = self.dist.local_shards(self.n_shards)
         self.stores = [
             ActivationsStore(

@@ -1,0 +1,170 @@
+"""Data-parallel training under torchrun (gloo, CPU): equality, resume, rank-0 outputs, failure.
+
+The equality claim: two processes with one data shard each compute the same SAE as one
+process holding both shards, because the global batch (shard 0's rows, then shard 1's) and
+the data order are the same. They differ only in floating-point summation order: one process
+differentiates the mean over the concatenated batch; two processes average the two halves'
+gradients with an all-reduce. Over a few dozen Adam steps that leaves differences around
+1e-7 on weights of size ~1e-2, so the tolerance is an absolute 1e-5.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from safetensors.torch import load_file
+
+from drrik.checkpoint import CheckpointManager
+
+TOLERANCE = 1e-5
+WAIT_S = 300
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small saved dataset, so each process starts fast."""
+    words = "the cat sat on a mat while every dog ran to the old red barn by noon".split()
+    texts = [
+        " ".join(words[(i * 3 + j) % len(words)] for j in range(20 + i % 30)) for i in range(400)
+    ]
+    path = tmp_path_factory.mktemp("corpus") / "data"
+    Dataset.from_dict({"text": texts}).save_to_disk(str(path))
+    return path
+
+
+def _args(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "train",
+        "--model", str(model_dir),
+        "--dataset", str(data),
+        "--hook", "blocks.1.hook_resid_post",
+        "--architecture", "relu",
+        "--training-tokens", "7680",
+        "--train-batch-size-tokens", "128",
+        "--n-batches-in-buffer", "4",
+        "--store-batch-size-prompts", "4",
+        "--context-size", "64",
+        "--eval-contexts", "4",
+        "--log-every-steps", "3",
+        "--checkpoint-every-tokens", "1536",
+        "--out", str(out),
+        *extra,
+    ]  # fmt: skip
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+
+
+def _torchrun(args: list[str], **kwargs: object) -> subprocess.Popen:
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "drrik", *args,
+    ]  # fmt: skip
+    return subprocess.Popen(command, env=_env(), text=True, **kwargs)  # type: ignore[call-overload]
+
+
+def _single(args: list[str]) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "drrik", *args]
+    return subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=WAIT_S)
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "final" / "sae_weights.safetensors"))
+
+
+def _assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=TOLERANCE, rtol=0), key
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir: Path, corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One process with two shards, and torchrun with two processes, on the same config."""
+    root = tmp_path_factory.mktemp("dist")
+    single = _single(_args(tiny_model_dir, corpus_dir, root / "one", "--data-shards", "2"))
+    assert single.returncode == 0, single.stderr[-2000:]
+    pair = _torchrun(_args(tiny_model_dir, corpus_dir, root / "two"), stdout=subprocess.PIPE,
+                     stderr=subprocess.STDOUT)  # fmt: skip
+    output, _ = pair.communicate(timeout=WAIT_S)
+    assert pair.returncode == 0, output[-3000:]
+    return root / "one", root / "two"
+
+
+def test_two_processes_train_the_same_sae_as_one(runs: tuple[Path, Path]) -> None:
+    one, two = runs
+    _assert_close(_weights(one), _weights(two))
+    assert not torch.equal(_weights(two)["W_dec"], torch.zeros_like(_weights(two)["W_dec"]))
+
+
+def test_only_rank_zero_writes(runs: tuple[Path, Path]) -> None:
+    """One metrics row per logging step, and the heartbeat of a single process."""
+    _, two = runs
+    rows = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+    steps = [row["step"] for row in rows]
+    assert steps == sorted(set(steps)), "a step was logged twice"
+    one_rows = [json.loads(line) for line in (runs[0] / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [row["step"] for row in one_rows]
+    assert rows[-1]["tokens"] == 7680  # the global batch: 2 shards x 128 tokens per step
+    assert json.loads((two / "heartbeat.json").read_text())["state"] == "finished"
+
+
+def test_resume_with_another_world_size_is_exact(
+    runs: tuple[Path, Path], tiny_model_dir: Path, corpus_dir: Path, tmp_path: Path
+) -> None:
+    """A torchrun job stopped by SIGTERM resumes in one process holding both shards.
+
+    The saved config records the two shards, so a plain ``--resume`` needs no extra flag.
+    """
+    _, two = runs
+    out = tmp_path / "stopped"
+    job = _torchrun(_args(tiny_model_dir, corpus_dir, out), stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT)  # fmt: skip
+    manager = CheckpointManager(out, keep=3)
+    deadline = time.time() + WAIT_S
+    while not manager.checkpoints() and time.time() < deadline and job.poll() is None:
+        time.sleep(0.2)
+    assert manager.checkpoints(), "no checkpoint appeared"
+    job.send_signal(signal.SIGTERM)
+    job.communicate(timeout=WAIT_S)
+    assert manager.load_latest() is not None
+    resumed = _single(["train", "--resume", str(out)])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    _assert_close(_weights(out), _weights(two))
+
+
+def test_a_dead_rank_stops_the_job_with_the_checkpoint_intact(
+    tiny_model_dir: Path, corpus_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "killed"
+    job = _torchrun(
+        _args(tiny_model_dir, corpus_dir, out, "--training-tokens", "200000"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    manager = CheckpointManager(out, keep=3)
+    deadline = time.time() + WAIT_S
+    while not manager.checkpoints() and time.time() < deadline and job.poll() is None:
+        time.sleep(0.2)
+    assert manager.checkpoints(), "no checkpoint appeared"
+    workers = subprocess.run(
+        ["pgrep", "-P", str(job.pid)], capture_output=True, text=True
+    ).stdout.split()
+    assert len(workers) == 2
+    os.kill(int(workers[-1]), signal.SIGKILL)
+    started = time.time()
+    job.communicate(timeout=WAIT_S)
+    assert job.returncode != 0
+    assert time.time() - started < 120, "the job did not stop in bounded time"
+    state = manager.load_latest()
+    assert state is not None and state[1]["step"] > 0
