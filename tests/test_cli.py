@@ -1,0 +1,235 @@
+"""The ``drrik`` command: train and eval end to end, and how bad input is refused.
+
+Bad input must end in exit status 2 with one line on stderr that names the field, before any
+model is loaded, and must never touch an existing run. Commands run in-process through
+``drrik.cli.main`` (stdout and stderr captured at the file-descriptor level); one test runs
+the real ``python -m drrik`` to check the exit status and the single stderr line there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from drrik.cli import main, parse_train_args
+from drrik.config import RunConfig, TrainerConfig
+from drrik.errors import ConfigError
+from drrik.sae import KNOWN_ARCHITECTURES, SAEConfig
+
+BATCH = 64
+STEPS = 12
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """One torch thread: cheaper than spinning OpenMP workers on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def dataset_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A jsonl corpus of random words (a file: ``drrik eval`` re-reads the training data)."""
+    words = "the of and a to in is you that it he was for on are as with his they".split()
+    g = torch.Generator().manual_seed(2)
+    path = tmp_path_factory.mktemp("data") / "docs.jsonl"
+    with open(path, "w") as f:
+        for _ in range(400):
+            n = int(torch.randint(5, 60, (1,), generator=g))
+            idx = torch.randint(0, len(words), (n,), generator=g).tolist()
+            f.write(json.dumps({"text": " ".join(words[i] for i in idx)}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def base_args(tiny_model_dir: Path, dataset_file: Path) -> list[str]:
+    """Flags of a valid 12-step run, without --out."""
+    return [
+        *("--model", str(tiny_model_dir), "--dataset", str(dataset_file)),
+        *("--hook", "blocks.1.hook_resid_post", "--context-size", "16"),
+        *("--architecture", "topk", "--k", "8", "--expansion-factor", "2"),
+        *("--train-batch-size-tokens", str(BATCH), "--training-tokens", str(BATCH * STEPS)),
+        *("--n-batches-in-buffer", "4", "--store-batch-size-prompts", "8"),
+        *("--log-every-steps", "4", "--eval-contexts", "8", "--eval-batch-size-prompts", "8"),
+    ]
+
+
+def run_cli(argv: list[str], capfd: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """``drrik ...`` in-process: (exit status, stdout, stderr)."""
+    capfd.readouterr()
+    code = main(argv)
+    out, err = capfd.readouterr()
+    return code, out, err
+
+
+def snapshot(directory: Path) -> dict[Path, bytes]:
+    """Every file under ``directory`` with its content, to prove nothing was touched."""
+    return {p: p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def trained_run(base_args: list[str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["train", *base_args, "--out", str(out)]) == 0
+    return out
+
+
+def test_eval_json_prints_parseable_metrics_matching_the_training_eval(
+    trained_run: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run_cli(["eval", str(trained_run), "--json", "--eval-contexts", "8"], capfd)
+    assert code == 0, err
+    metrics = json.loads(out)  # stdout holds the JSON and nothing else
+    keys = ("explained_variance", "l0", "ce_loss_recovered", "kl_div_with_sae", "mse")
+    for key in keys:
+        assert isinstance(metrics[key], int | float), key
+    assert metrics["l0"] == pytest.approx(8.0)
+    # The same SAE on the same held-out contexts as the trainer's final evaluation.
+    saved = json.loads((trained_run / "final" / "cfg.json").read_text())["metadata"]["eval"]
+    for key in keys:
+        assert metrics[key] == pytest.approx(saved[key], rel=1e-4, abs=1e-6), key
+
+
+def test_eval_prints_a_table_for_a_saved_sae_directory(
+    trained_run: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run_cli(["eval", str(trained_run / "final"), "--eval-contexts", "4"], capfd)
+    assert code == 0, err
+    assert "explained_variance" in out and "ce_loss_recovered" in out
+
+
+def test_eval_of_a_directory_without_an_sae_is_refused(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run_cli(["eval", str(tmp_path)], capfd)
+    assert code == 2
+    assert err.count("\n") == 1 and "DIR=" in err and "cfg.json" in err
+
+
+BAD_FLAGS: dict[str, tuple[list[str], str, str]] = {
+    # case: (flags added to a valid run, field named, words the message must contain)
+    "d_sae-and-expansion_factor": (["--d-sae", "128"], "d_sae", "not both"),
+    "topk-without-k": ([], "k", "needs k"),  # the valid flags' --k 8 is dropped
+    "negative-l1-coefficient": (["--l1-coefficient", "-1"], "l1_coefficient", ">= 0"),
+    "negative-lr": (["--lr", "-0.001"], "lr", ">= 0"),
+    "zero-lr": (["--lr", "0"], "lr", "positive"),
+    "budget-below-one-batch": (["--training-tokens", "10"], "training_tokens", "one batch"),
+    "unknown-architecture": (["--architecture", "resnet"], "architecture", "use one of"),
+    "bad-sweep-field": (["--sweep", "lr=1,2"], "sweep", "field=v1,v2"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FLAGS))
+def test_bad_flag_exits_2_with_one_line_naming_the_field(
+    case: str, base_args: list[str], tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    flags, field, words = BAD_FLAGS[case]
+    argv = ["train", *base_args, "--out", str(tmp_path / "run"), *flags]
+    if case == "topk-without-k":
+        i = argv.index("--k")
+        argv = argv[:i] + argv[i + 2 :]
+    code, out, err = run_cli(argv, capfd)
+    assert code == 2
+    assert err.count("\n") == 1, err
+    assert err.startswith(f"drrik train: error: {field}="), err
+    assert words in err
+    if case == "unknown-architecture":
+        assert all(name in err for name in KNOWN_ARCHITECTURES)
+    assert not (tmp_path / "run").exists(), "nothing is written for bad input"
+
+
+CONFIG_ERRORS: dict[str, tuple[Callable[[], Any], str]] = {
+    "d_sae-and-expansion_factor": (lambda: SAEConfig(d_sae=8, expansion_factor=2), "d_sae"),
+    "topk-without-k": (lambda: SAEConfig(architecture="topk"), "k"),
+    "negative-l1-coefficient": (lambda: SAEConfig(l1_coefficient=-1.0), "l1_coefficient"),
+    "negative-lr": (lambda: TrainerConfig(lr=-1.0), "lr"),
+    "budget-below-one-batch": (
+        lambda: RunConfig(trainer=TrainerConfig(training_tokens=10)),
+        "training_tokens",
+    ),
+    "unknown-architecture": (lambda: SAEConfig(architecture="resnet"), "architecture"),
+}
+
+
+@pytest.mark.parametrize("case", list(CONFIG_ERRORS))
+def test_bad_config_in_python_raises_config_error_naming_the_field(case: str) -> None:
+    build, field = CONFIG_ERRORS[case]
+    with pytest.raises(ConfigError) as info:
+        build()
+    assert info.value.field == field
+    assert "\n" not in str(info.value)
+
+
+def test_out_holding_a_run_of_another_config_is_refused_untouched(
+    trained_run: Path, base_args: list[str], capfd: pytest.CaptureFixture[str]
+) -> None:
+    before = snapshot(trained_run)
+    argv = ["train", *base_args, "--out", str(trained_run), "--lr", "0.01", "--k", "4"]
+    code, _, err = run_cli(argv, capfd)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("drrik train: error: out=")
+    assert "trainer.lr: 0.001 -> 0.01" in err and "sae.k: 8 -> 4" in err
+    assert snapshot(trained_run) == before
+
+
+def test_out_holding_other_files_is_refused_untouched(
+    base_args: list[str], tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    code, _, err = run_cli(["train", *base_args, "--out", str(tmp_path)], capfd)
+    assert code == 2 and "holds no drrik run" in err
+    assert snapshot(tmp_path) == {tmp_path / "notes.txt": b"mine"}
+
+
+def test_diverging_run_exits_1_naming_the_step_and_saves_no_sae(
+    base_args: list[str], tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    code, _, err = run_cli(["train", *base_args, "--out", str(out), "--lr", "1e30"], capfd)
+    assert code == 1
+    assert "the loss became NaN or Inf at step" in err and "Lower --lr" in err
+    assert not (out / "final").exists()
+
+
+def test_config_file_is_loaded_and_flags_win(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"sae": {"architecture": "topk", "k": 16}, "trainer": {}}))
+    cfg = parse_train_args(["--config", str(path), "--k", "32", "--lr", "0.002"])
+    assert (cfg.sae.architecture, cfg.sae.k, cfg.trainer.lr) == ("topk", 32, 0.002)
+    path.write_text(yaml.safe_dump({"sae": {"kk": 16}}))
+    with pytest.raises(ConfigError, match="sae.kk"):
+        parse_train_args(["--config", str(path)])
+
+
+def test_usage_and_unknown_command(capfd: pytest.CaptureFixture[str]) -> None:
+    assert run_cli([], capfd)[0] == 0
+    code, out, _ = run_cli(["fly"], capfd)
+    assert code == 2 and "usage: drrik" in out
+
+
+def test_real_command_exits_2_with_one_stderr_line(tmp_path: Path) -> None:
+    """The installed entry point, not just ``main``: status 2, one line, no traceback."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "drrik", "train", "--d-sae", "64", "--expansion-factor", "4"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        "drrik train: error: d_sae=64: set either d_sae or expansion_factor, not both"
+    ]
+    assert not any(tmp_path.iterdir())
