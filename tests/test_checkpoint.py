@@ -37,6 +37,8 @@ from drrik.checkpoint import CheckpointManager
 from drrik.cli import main
 from drrik.errors import ConfigError
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 BATCH = 64
 STEPS = 24
 CHECKPOINT_STEPS = 4
@@ -94,33 +96,6 @@ elif where == "finish":  # after the last checkpoint, before the final SAE is sa
     drrik.trainer.Trainer.finish = paused_finish
 sys.exit(main(sys.argv[1:]))
 """
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """One torch thread here and in the subprocesses (:data:`ONE_THREAD`).
-
-    Bit-equality across processes needs the same thread count everywhere, and on a shared
-    2-core machine spinning OpenMP workers of many processes slow each other down badly.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def dataset_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small jsonl corpus of random words (a file, so subprocesses can read it)."""
-    words = "the of and a to in is you that it he was for on are as with his they".split()
-    g = torch.Generator().manual_seed(1)
-    path = tmp_path_factory.mktemp("data") / "docs.jsonl"
-    with open(path, "w") as f:
-        for _ in range(400):
-            n = int(torch.randint(5, 60, (1,), generator=g))
-            idx = torch.randint(0, len(words), (n,), generator=g).tolist()
-            f.write(json.dumps({"text": " ".join(words[i] for i in idx)}) + "\n")
-    return path
 
 
 def train_args(model_dir: Path, dataset: Path, out: Path, *extra: str) -> list[str]:

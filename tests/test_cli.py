@@ -12,12 +12,11 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 import yaml
 
 from drrik.cli import main, parse_train_args
@@ -25,31 +24,10 @@ from drrik.config import RunConfig, TrainerConfig
 from drrik.errors import ConfigError
 from drrik.sae import KNOWN_ARCHITECTURES, SAEConfig
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 BATCH = 64
 STEPS = 12
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """One torch thread: cheaper than spinning OpenMP workers on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def dataset_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A jsonl corpus of random words (a file: ``drrik eval`` re-reads the training data)."""
-    words = "the of and a to in is you that it he was for on are as with his they".split()
-    g = torch.Generator().manual_seed(2)
-    path = tmp_path_factory.mktemp("data") / "docs.jsonl"
-    with open(path, "w") as f:
-        for _ in range(400):
-            n = int(torch.randint(5, 60, (1,), generator=g))
-            idx = torch.randint(0, len(words), (n,), generator=g).tolist()
-            f.write(json.dumps({"text": " ".join(words[i] for i in idx)}) + "\n")
-    return path
 
 
 @pytest.fixture(scope="module")

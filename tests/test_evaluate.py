@@ -8,7 +8,6 @@ activations, which also checks that special-token positions are left out.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -18,17 +17,10 @@ import torch.nn.functional as F
 from drrik.evaluate import EvalTarget, evaluate
 from drrik.sae import SAE, SAEConfig, build_sae
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 HOOK = "blocks.1.hook_resid_post"
 D_IN = 64
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """One torch thread: cheaper than spinning OpenMP workers on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
