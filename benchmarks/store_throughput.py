@@ -20,12 +20,7 @@ token is served and the counts compare like with like.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import importlib.metadata
 import itertools
-import json
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -33,14 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from machine import RESULTS, machine_info, write_results
 
 import drrik.store
 from drrik.config import DataConfig, StoreConfig
 from drrik.data import ContextStream, load_source
 from drrik.model import load_model, run_hooks
 from drrik.store import ActivationsStore
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def parse_args() -> argparse.Namespace:
@@ -57,38 +51,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=7, help="alternating A/B measurements")
     p.add_argument("--out", type=Path, default=RESULTS)
     return p.parse_args()
-
-
-def machine_info(device: str) -> dict[str, Any]:
-    """What a reader needs to compare this result with another machine's."""
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    versions = {}
-    for dist in ("torch", "transformers", "transformer-lens", "datasets"):
-        try:
-            versions[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            versions[dist] = None
-    info = {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average_1min": round(os.getloadavg()[0], 2),  # others' work on a shared machine
-        "device": device,
-        **versions,
-    }
-    if device.startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
-    return info
 
 
 def timed(fn: Callable[[], None], device: str) -> float:
@@ -245,12 +207,7 @@ def main() -> None:
     args = parse_args()
     result = measure(args)
     md = markdown(result)
-    print(json.dumps(result, indent=2))
-    print(md)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"store_throughput-{torch.device(args.device).type}"
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(md)
+    write_results(f"store_throughput-{torch.device(args.device).type}", result, md, args.out)
 
 
 if __name__ == "__main__":
