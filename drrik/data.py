@@ -89,6 +89,11 @@ def _first_row(dataset: AnyDataset) -> dict[str, Any] | None:
     return next(iter(dataset), None)
 
 
+def _is_token_row(value: Any) -> bool:
+    """Token ids come as sequences (lists, arrays, tensors); text as strings (or None)."""
+    return value is not None and not isinstance(value, str) and hasattr(value, "__len__")
+
+
 def detect_column(dataset: AnyDataset, text_column: str | None) -> tuple[str, bool]:
     """Pick the column to read and say whether it holds token ids (pretokenized) or text."""
     first = _first_row(dataset)
@@ -96,7 +101,7 @@ def detect_column(dataset: AnyDataset, text_column: str | None) -> tuple[str, bo
     columns = list(first)
     if text_column is not None:
         require(text_column in first, "text_column", text_column, f"use one of {columns}")
-        return text_column, not isinstance(first[text_column], str)
+        return text_column, _is_token_row(first[text_column])
     for name in TOKEN_COLUMNS:
         if name in first:
             return name, True
