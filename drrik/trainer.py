@@ -77,6 +77,11 @@ class SAESlot:
     scale: float = 1.0
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
     nonfinite_step: torch.Tensor | None = None
+    forward: Any = None  # sae.training_forward, compiled with --compile-sae
+
+    def __post_init__(self) -> None:
+        if self.forward is None:
+            self.forward = self.sae.training_forward
 
     def accumulate(self, values: dict[str, torch.Tensor]) -> None:
         for key, value in values.items():
@@ -211,7 +216,10 @@ class Trainer:
                 )
                 name = slot_name(hook, setting, len(self.hooks) > 1)
                 tracker = DeadFeatureTracker(sae.d_sae, device=self.device)
-                slots.append(SAESlot(name, hook, sae, optimizer, scheduler, tracker))
+                forward = torch.compile(sae.training_forward) if t.compile_sae else None
+                slots.append(
+                    SAESlot(name, hook, sae, optimizer, scheduler, tracker, forward=forward)
+                )
         return slots
 
     @torch.no_grad()
@@ -370,7 +378,7 @@ class Trainer:
             else contextlib.nullcontext()
         )
         with autocast:
-            out = slot.sae.training_forward(x, coefficient * sae_cfg.l1_coefficient, dead)
+            out = slot.forward(x, coefficient * sae_cfg.l1_coefficient, dead)
         out.loss.backward()
         params = list(slot.sae.parameters())
         self.dist.average_gradients(params)
