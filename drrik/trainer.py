@@ -461,7 +461,7 @@ class Trainer:
                 {
                     "step": self.step,
                     "tokens": self.tokens,
-                    "tokens_per_second": tokens_per_second * self.dist.world_size,
+                    "tokens_per_second": tokens_per_second,  # global: counts every rank
                     "elapsed_s": self.elapsed,
                     "sae": slot.name,
                     "lr": slot.scheduler.get_last_lr()[0],
