@@ -23,7 +23,35 @@ from drrik.sae import SAE, SAEConfig, build_sae, load_sae  # noqa: E402
 from drrik.store import ActivationBatch, ActivationsStore  # noqa: E402
 from drrik.trainer import Trainer, train  # noqa: E402
 
+_LAZY = {
+    # The first drrik's names (see docs/migrating-from-drrik-0.1.md) and the analysis tools:
+    # imported on first use, so ``import drrik`` does not load matplotlib.
+    "SparseAutoencoder": "drrik.compat",
+    "FeatureVisualizer": "drrik.compat",
+    "ActivationExtractor": "drrik.compat",
+    "Config": "drrik.compat",
+    "SAESteering": "drrik.steering",
+    "EnvironmentSettings": "drrik.settings",
+    "get_settings": "drrik.settings",
+    "WandbConfig": "drrik.wandb_logging",
+    "FeatureAnalyzer": "drrik.analysis",
+    "AnalysisConfig": "drrik.analysis",
+    "AnalysisResults": "drrik.analysis",
+    "analyze": "drrik.analysis",
+    "write_report": "drrik.report",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'drrik' has no attribute {name!r}")
+
+
 __all__ = [
+    *_LAZY,
     "SAE",
     "ActivationBatch",
     "ActivationsStore",

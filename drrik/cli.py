@@ -1,4 +1,4 @@
-"""The ``drrik`` command: ``drrik train``, ``drrik eval``.
+"""The ``drrik`` command: train, eval, status, analyze, report, steer.
 
 Every config field is a flag (``drrik train --help``) and ``--config FILE.yaml`` loads the same
 fields from YAML (flags win). Bad input ends with one line on stderr and exit status 2.
@@ -7,6 +7,7 @@ fields from YAML (flags win). Bad input ends with one line on stderr and exit st
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -17,7 +18,6 @@ from simple_parsing import ArgumentParser, DashVariant
 from drrik.config import DataConfig, EvalConfig, ModelConfig, RunConfig, load_config_file
 from drrik.errors import ConfigError, require
 from drrik.run_dir import CONFIG_FILE
-from drrik.status import cmd_status
 
 Command = Callable[[list[str]], int]
 
@@ -130,7 +130,20 @@ def cmd_eval(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS: dict[str, Command] = {"train": cmd_train, "eval": cmd_eval, "status": cmd_status}
+COMMANDS: dict[str, str] = {
+    "train": "drrik.cli:cmd_train",
+    "eval": "drrik.cli:cmd_eval",
+    "status": "drrik.status:cmd_status",
+    "analyze": "drrik.analysis:cmd_analyze",
+    "report": "drrik.report:cmd_report",
+    "steer": "drrik.steering:cmd_steer",
+}
+"""Each command's function, imported only when that command runs (plots load matplotlib)."""
+
+
+def _command(name: str) -> Command:
+    module, _, function = COMMANDS[name].partition(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -140,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"usage: drrik {{{known}}} [options]   (drrik COMMAND --help for details)")
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     try:
-        return COMMANDS[argv[0]](argv[1:])
+        return _command(argv[0])(argv[1:])
     except ConfigError as exc:
         print(f"drrik {argv[0]}: error: {exc}", file=sys.stderr)
         return 2

@@ -117,7 +117,16 @@ class SAESteering:
                 units,
                 "no max activations known; run drrik analyze first or use units='absolute'",
             )
-            values = values * self.max_activations.to(values)[ids]  # type: ignore[union-attr]
+            scale = self.max_activations.to(values)[ids]  # type: ignore[union-attr]
+            unseen = ids[scale <= 0].tolist()
+            require(
+                not unseen,
+                "feature",
+                unseen,
+                "never fired in the analysis, so its max activation is unknown; analyse more "
+                "tokens or use units='absolute'",
+            )
+            values = values * scale
         return ids, values
 
     @contextlib.contextmanager
@@ -130,7 +139,6 @@ class SAESteering:
         one position per step, through the KV cache); special-token positions of the prompt
         (``prompt_keep`` false) are left alone.
         """
-        require(mode in MODES, "mode", mode, f"use one of {MODES}")
         directions = self.sae.W_dec[ids].float()  # [n, d_in]
         calls = 0
 
@@ -168,8 +176,10 @@ class SAESteering:
 
         ``strengths`` is a number, one per feature, or a ``[len(prompts), len(features)]``
         tensor giving each prompt its own strengths. ``temperature`` 0 is greedy; otherwise
-        tokens are sampled (``top_p`` nucleus) from a generator seeded with ``seed``.
+        tokens are sampled (``top_p`` nucleus) with torch's RNG seeded with ``seed`` inside a
+        forked RNG state, so the caller's random stream is left as it was.
         """
+        require(mode in MODES, "mode", mode, f"use one of {MODES}")
         require(temperature >= 0, "temperature", temperature, "use a value >= 0")
         require(max_new_tokens > 0, "max_new_tokens", max_new_tokens, "use a positive number")
         tokens, mask = self._encode(prompts)
@@ -279,35 +289,34 @@ class SAESteering:
     def find_steering_features(
         self, text: str, top_k: int = 20, min_activation: float = 0.0
     ) -> list[dict[str, Any]]:
-        """Features active on the tokens of ``text``, strongest first (by max activation
-        relative to the feature's own max, when known, else by raw activation)."""
+        """Features active on the tokens of ``text`` (BOS/EOS/pad ignored), strongest first:
+        by activation relative to the feature's max in the analysis; features with no known
+        max come last, by raw activation."""
         tokens, _ = self._encode([text])
         acts = run_hooks(self.model, tokens, [self.hook])[self.hook]
         feats = self.sae.encode(acts[0].to(self.sae.W_dec.device)).float()  # [pos, d_sae]
         keep = ~torch.isin(tokens[0], torch.tensor(self.special.ids()).to(tokens))
         feats = feats * keep[:, None].to(feats)
         peak, where = feats.max(dim=0)
-        score = peak
+        known = torch.zeros_like(peak, dtype=torch.bool)
+        relative = torch.zeros_like(peak)
         if self.max_activations is not None:
-            score = peak / self.max_activations.to(peak).clamp_min(1e-12)
-        order = score.argsort(descending=True)
-        ranked = []
-        for f in order[:top_k].tolist():
-            if peak[f] <= min_activation or peak[f] <= 0:
-                break
-            token = int(tokens[0, where[f]])
-            ranked.append(
-                {
-                    "feature": f,
-                    "max_activation": float(peak[f]),
-                    "relative_to_feature_max": float(score[f])
-                    if self.max_activations is not None
-                    else None,
-                    "active_tokens": int((feats[:, f] > 0).sum()),
-                    "top_token": self.tokenizer.decode([token]),
-                }
-            )
-        return ranked
+            scale = self.max_activations.to(peak)
+            known = scale > 0
+            relative = torch.where(known, peak / scale.clamp_min(1e-12), relative)
+        active = (peak > max(min_activation, 0.0)).nonzero().flatten().tolist()
+        score = torch.where(known, relative, peak)
+        order = sorted(active, key=lambda f: (not bool(known[f]), -float(score[f])))
+        return [
+            {
+                "feature": f,
+                "max_activation": float(peak[f]),
+                "relative_to_feature_max": float(relative[f]) if known[f] else None,
+                "active_tokens": int((feats[:, f] > 0).sum()),
+                "top_token": self.tokenizer.decode([int(tokens[0, where[f]])]),
+            }
+            for f in order[:top_k]
+        ]
 
     def get_steering_direction(self, feature_idx: int, normalize: bool = True) -> Tensor:
         """The feature's decoder row (unit norm when ``normalize``), float32 on the CPU."""

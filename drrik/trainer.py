@@ -33,6 +33,7 @@ from drrik.errors import ConfigError, require
 from drrik.evaluate import EvalTarget, evaluate, format_metrics, held_out_contexts
 from drrik.geometric_median import geometric_median
 from drrik.model import load_model
+from drrik.plots import plot_feature_density, plot_training_curves
 from drrik.rng import rng_state, seed_everything, set_rng_state
 from drrik.run_dir import RunDir, default_run_name
 from drrik.sae import SAE, DeadFeatureTracker, build_sae, resample_dead_features
@@ -570,6 +571,12 @@ class Trainer:
         if not self.dist.is_main:
             return {}
         metrics, densities = self.evaluate()
+        plots = self.run.path / "plots"
+        images = {
+            "training_curves": plot_training_curves(
+                self.run.read_metrics(), plots / "training_curves.png"
+            )
+        }
         for slot in self.slots:
             sae = build_sae(slot.sae.cfg, device=self.device)
             sae.load_state_dict(slot.sae.state_dict())
@@ -588,6 +595,12 @@ class Trainer:
             prefix = f"{slot.name}/" if len(self.slots) > 1 else ""
             self.logger.log_histogram(f"{prefix}log10_feature_density", sparsity, self.tokens)
             self.logger.log_artifact(path, f"sae-{slot.name or 'final'}".replace("=", "-"))
+            images[f"{prefix}feature_density"] = plot_feature_density(
+                densities[slot.name],
+                plots / f"feature_density{'-' + slot.name if prefix else ''}.png",
+                self.cfg.eval.dense_threshold,
+            )
+        self.logger.log_images(images, self.tokens)
         if self.verbose:
             print(format_metrics(metrics))
             print(f"saved to {self.run.final_path.resolve()}")

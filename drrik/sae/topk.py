@@ -1,14 +1,99 @@
-"""TopK SAE (Gao et al., 2024): keep the k largest activations per token, plus AuxK loss."""
+"""TopK SAE (Gao et al., 2024): keep the k largest activations per token, plus AuxK loss.
+
+Training on CPU takes a sparse path when k is small against d_sae: the encoder's matmul stays
+dense (every pre-activation is needed to pick the top k), but the decoder reads only the k
+selected rows per token (``embedding_bag``) and the backward pass touches only the selected
+entries, which removes four of the six dense ``batch x d_in x d_sae`` matmuls of a step. Losses
+and gradients are those of the dense path up to float rounding.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from drrik.sae.base import SAE, TrainOutput, register
 from drrik.sae.config import SAEConfig
+
+SPARSE_MAX_DENSITY = 1 / 16
+"""The sparse training path is taken when k / d_sae is at most this."""
+
+
+def _scatter_matmul(idx: Tensor, values: Tensor, dense: Tensor, n_features: int) -> Tensor:
+    """``S^T @ dense`` for the sparse ``[batch, n_features]`` matrix ``S[b, idx[b, i]] =
+    values[b, i]``: a ``[n_features, dense.shape[1]]`` result, the gradient of a weight that
+    only the selected features touched.
+
+    An unsorted COO product: sorting the indices (``coalesce``, or ``embedding_bag``'s own
+    backward) costs more than the product itself with torch's multithreaded CPU sort.
+    """
+    n, per_row = idx.shape
+    rows = torch.arange(n, device=idx.device).repeat_interleave(per_row)
+    scatter = torch.sparse_coo_tensor(
+        torch.stack([idx.reshape(-1), rows]),
+        values.reshape(-1).to(dense.dtype),
+        (n_features, n),
+        check_invariants=False,
+    )
+    return torch.sparse.mm(scatter, dense)
+
+
+class _GatherPreActs(torch.autograd.Function):
+    """``pre[row, idx[row]]`` for ``pre = sae_in @ W_enc + b_enc`` computed by the caller.
+
+    Forward is a gather; backward reaches only the gathered entries: the encoder-weight gradient
+    is a sparse product, the input gradient an ``embedding_bag`` over encoder columns, the bias
+    gradient an ``index_add``.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, sae_in: Tensor, W_enc: Tensor, b_enc: Tensor, pre: Tensor, idx: Tensor
+    ) -> Tensor:
+        ctx.save_for_backward(sae_in, W_enc, idx)
+        return pre.gather(1, idx)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        sae_in, W_enc, idx = ctx.saved_tensors
+        grad = grad.to(W_enc.dtype)
+        grad_in = grad_W = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_in = F.embedding_bag(
+                idx, W_enc.t().contiguous(), per_sample_weights=grad, mode="sum"
+            ).to(sae_in.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_W = _scatter_matmul(idx, grad, sae_in.to(W_enc.dtype), W_enc.shape[1]).t()
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.zeros_like(W_enc[0]).index_add_(0, idx.reshape(-1), grad.reshape(-1))
+        return grad_in, grad_W, grad_b, None, None
+
+
+class _DecoderGrad(torch.autograd.Function):
+    """Identity on ``out``; in backward, also hands ``W_dec`` the gradient of a sparse decode.
+
+    ``out`` is ``embedding_bag(idx, W_dec.detach(), per_sample_weights=values)``, whose own
+    backward gives the values' gradient without sorting; this adds ``S^T @ grad`` for W_dec.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, out: Tensor, idx: Tensor, values: Tensor, W_dec: Tensor
+    ) -> Tensor:
+        ctx.save_for_backward(idx, values)
+        ctx.n_features = W_dec.shape[0]
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        idx, values = ctx.saved_tensors
+        grad_W = None
+        if ctx.needs_input_grad[3]:
+            grad_W = _scatter_matmul(idx, values, grad, ctx.n_features)
+        return grad, None, None, grad_W
 
 
 @register
@@ -25,6 +110,8 @@ class TopKSAE(SAE):
     architecture = "topk"
     saelens_architecture = "topk"
     needs_k = True
+    sparse_training: bool | None = None
+    """Sparse training path: None picks it on CPU when k is small against d_sae."""
 
     @classmethod
     def default_normalize_decoder(cls, cfg: SAEConfig) -> bool:
@@ -69,6 +156,8 @@ class TopKSAE(SAE):
         dead_mask: Tensor | None = None,
     ) -> TrainOutput:
         """MSE plus AuxK; ``sparsity_coefficient`` is unused (k sets the sparsity)."""
+        if self._takes_sparse_path(x):
+            return self._sparse_training_forward(x, dead_mask)
         pre = self.scaled_pre_acts(x)
         feature_acts = self.train_activation(pre)
         x_hat = self.decode(feature_acts)
@@ -89,6 +178,8 @@ class TopKSAE(SAE):
         Scaled by ``min(n_dead / aux_k, 1)`` so it fades out as features revive, and is zero
         with no dead features, all without a host sync.
         """
+        if not _any_dead(dead_mask):
+            return x_hat.new_zeros(())
         aux_k = self.cfg.resolved_aux_k()
         residual = (x - x_hat).detach()
         values, indices = torch.where(dead_mask, pre, float("-inf")).topk(aux_k, dim=-1)
@@ -96,6 +187,61 @@ class TopKSAE(SAE):
         aux_err = (self.decode_directions(aux_acts) - residual).pow(2).sum(dim=-1).mean()
         scale = (dead_mask.sum() / aux_k).clamp(max=1.0)
         return self.cfg.aux_k_coefficient * scale * aux_err
+
+    # ---- the sparse training path ---------------------------------------------------------
+
+    def _takes_sparse_path(self, x: Tensor) -> bool:
+        if type(self).train_activation is not TopKSAE.train_activation:
+            return False  # a per-token top k is what the sparse path computes
+        if not torch.is_grad_enabled() or x.dim() != 2:
+            return False
+        if self.sparse_training is not None:
+            return self.sparse_training
+        return x.device.type == "cpu" and self.cfg.k <= self.d_sae * SPARSE_MAX_DENSITY
+
+    def _sparse_decode(self, idx: Tensor, values: Tensor, norms: Tensor | None) -> Tensor:
+        """``sum_i values[:, i] * W_dec[idx[:, i]]`` (divided by row norms when rescaling)."""
+        if norms is not None:
+            values = values / norms[idx].clamp_min(1e-12)
+        out = F.embedding_bag(idx, self.W_dec.detach(), per_sample_weights=values, mode="sum")
+        return _DecoderGrad.apply(out, idx, values.detach(), self.W_dec)
+
+    def _sparse_training_forward(self, x: Tensor, dead_mask: Tensor | None) -> TrainOutput:
+        """Same losses and gradients as the dense path, touching only selected features."""
+        k = self.cfg.k
+        sae_in = self.sae_in(x)
+        norms = self.decoder_norms() if self.rescale_by_decoder_norm else None
+        with torch.no_grad():
+            pre = torch.addmm(self.b_enc, sae_in, self.W_enc)
+            ranked = pre * norms if norms is not None else pre
+            idx = ranked.topk(k, dim=-1).indices
+            aux = _any_dead(dead_mask)
+            if aux:
+                aux_k = self.cfg.resolved_aux_k()
+                masked = torch.where(dead_mask, ranked, float("-inf"))  # type: ignore[arg-type]
+                aux_idx = masked.topk(aux_k, dim=-1).indices
+                idx_all = torch.cat([idx, aux_idx], dim=1)
+            else:
+                idx_all = idx
+        gathered = _GatherPreActs.apply(sae_in, self.W_enc, self.b_enc, pre, idx_all)
+        if norms is not None:
+            gathered = gathered * norms[idx_all]
+        values = gathered[:, :k].relu()
+        x_hat = self._sparse_decode(idx, values, norms) + self.b_dec
+        with torch.no_grad():
+            feature_acts = torch.zeros_like(pre, dtype=values.dtype).scatter_(1, idx, values)
+        losses = {"mse_loss": self.mse(x_hat, x)}
+        if aux:
+            residual = (x - x_hat).detach()
+            # Fewer dead features than aux_k: the rest of the selection must not count.
+            aux_values = torch.where(dead_mask[aux_idx], gathered[:, k:].relu(), 0.0)
+            aux_err = (self._sparse_decode(aux_idx, aux_values, norms) - residual).pow(2)
+            scale = (dead_mask.sum() / aux_k).clamp(max=1.0)  # type: ignore[union-attr]
+            losses["aux_loss"] = self.cfg.aux_k_coefficient * scale * aux_err.sum(-1).mean()
+        else:
+            losses["aux_loss"] = x_hat.new_zeros(())
+        loss = losses["mse_loss"] + losses["aux_loss"]
+        return TrainOutput(loss=loss, losses=losses, feature_acts=feature_acts, x_hat=x_hat)
 
     def saelens_tensors(self) -> dict[str, Tensor]:
         """Decoder norms folded in (rows become unit norm), so SAELens needs no rescaling."""
@@ -109,3 +255,11 @@ class TopKSAE(SAE):
 
     def saelens_cfg_extras(self) -> dict[str, Any]:
         return {"k": self.cfg.k, "rescale_acts_by_decoder_norm": False}
+
+
+def _any_dead(dead_mask: Tensor | None) -> bool:
+    """Whether AuxK has work to do. On CPU the check is free; elsewhere it would synchronize
+    the device every step, so there it always answers yes and the loss is zeroed on device."""
+    if dead_mask is None:
+        return False
+    return dead_mask.device.type != "cpu" or bool(dead_mask.any())

@@ -1,0 +1,128 @@
+"""Steering: exact baseline at strength 0, visible change at large strength, clamp semantics,
+batch = one by one, seeded sampling, low-precision models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from saved_sae import HOOK, make_run, sparse_sae, text_file
+
+from drrik.errors import ConfigError
+from drrik.model import load_model
+from drrik.sae import SAEConfig, build_sae
+from drrik.steering import SAESteering, cmd_steer
+
+PROMPTS = ["The capital of France is", "def main():\n    return", "Hello"]
+NEW = 6
+
+
+@pytest.fixture(scope="module")
+def steering(tiny_model) -> SAESteering:
+    sae = sparse_sae(tiny_model)
+    return SAESteering(tiny_model, sae, HOOK, max_activations=torch.full((sae.d_sae,), 0.5))
+
+
+def test_strength_zero_equals_baseline(steering):
+    baseline = steering.generate(PROMPTS[0], max_new_tokens=NEW)
+    assert steering.generate(PROMPTS[0], 5, 0.0, max_new_tokens=NEW) == baseline
+    assert steering.generate(PROMPTS, [1, 2], [0.0, 0.0], max_new_tokens=NEW)[0] == baseline
+
+
+def test_large_strength_changes_greedy_output(steering):
+    baseline = steering.generate(PROMPTS[0], max_new_tokens=NEW)
+    steered = steering.generate(PROMPTS[0], 5, 200.0, max_new_tokens=NEW)
+    assert steered != baseline
+    # units: strength 1 x max (0.5 here) is absolute strength 0.5
+    in_max = steering.generate(PROMPTS[0], 5, 300.0, max_new_tokens=NEW)
+    assert in_max == steering.generate(PROMPTS[0], 5, 150.0, max_new_tokens=NEW, units="absolute")
+
+
+def test_batch_equals_one_by_one(steering):
+    # prompts of different lengths: the batch is left-padded, each prompt alone is not
+    batch = steering.generate(PROMPTS, [3, 7], [2.0, 1.0], max_new_tokens=NEW)
+    singles = [steering.generate(p, [3, 7], [2.0, 1.0], max_new_tokens=NEW) for p in PROMPTS]
+    assert batch == singles
+    assert len(set(batch)) == len(PROMPTS)  # the prompts really differ
+    assert batch != steering.generate(PROMPTS, max_new_tokens=NEW)  # and steering acted
+
+
+def test_clamp_mode_sets_the_activation(tiny_model):
+    """With an SAE whose encoder inverts its (orthonormal) decoder on these inputs (biases keep
+    every pre-activation positive), encoding the steered activation gives exactly the clamped
+    value at every steered position."""
+    d = tiny_model.cfg.d_model
+    sae = build_sae(SAEConfig(architecture="relu", d_in=d, d_sae=8, apply_b_dec_to_input=False))
+    q, _ = torch.linalg.qr(torch.randn(d, 8))
+    with torch.no_grad():
+        sae.W_dec.copy_(q.T)
+        sae.W_enc.copy_(q)
+        sae.b_enc.fill_(10.0)
+        sae.b_dec.zero_()
+    steering = SAESteering(tiny_model, sae.eval(), HOOK)
+    seen: list[torch.Tensor] = []
+    capture = [("blocks.2.hook_resid_pre", lambda act, hook: seen.append(act.clone()))]
+    with tiny_model.hooks(fwd_hooks=capture):
+        steering.generate(
+            PROMPTS[0], [2, 5], [1.5, 0.0], mode="clamp", units="absolute", max_new_tokens=3
+        )
+    assert [s.shape[1] for s in seen] == [6, 1, 1]  # prompt, then one KV-cached step each
+    feats = sae.encode(torch.cat([seen[0][0, 1:], *[s[0] for s in seen[1:]]])).detach()
+    torch.testing.assert_close(feats[:, 2], torch.full_like(feats[:, 2], 1.5), atol=1e-4, rtol=0)
+    torch.testing.assert_close(feats[:, 5], torch.zeros_like(feats[:, 5]), atol=1e-4, rtol=0)
+    assert not torch.allclose(sae.encode(seen[0][0, :1]).detach()[:, 2], torch.tensor(1.5))
+
+
+def test_compare_steering_and_sampling(steering, capsys):
+    table = steering.compare_steering(PROMPTS[0], 5, [0.0, 200.0], max_new_tokens=NEW)
+    assert table["baseline"] == steering.generate(PROMPTS[0], max_new_tokens=NEW)
+    assert table["strength=0"] == table["baseline"]
+    assert table["strength=200"] != table["baseline"]
+    assert "strength=200x max" in capsys.readouterr().out
+    sampled = [
+        steering.generate(PROMPTS, max_new_tokens=NEW, temperature=1.0, seed=s) for s in (1, 1, 2)
+    ]
+    assert sampled[0] == sampled[1] and sampled[0] != sampled[2]
+
+
+def test_find_features_and_direction(steering):
+    found = steering.find_steering_features("The capital of France is Paris", top_k=5)
+    assert 0 < len(found) <= 5
+    scores = [row["relative_to_feature_max"] for row in found]
+    assert scores == sorted(scores, reverse=True)
+    assert all(row["max_activation"] > 0 for row in found)
+    direction = steering.get_steering_direction(found[0]["feature"])
+    row = steering.sae.W_dec[found[0]["feature"]].detach()
+    assert direction.norm() == pytest.approx(1.0)
+    assert torch.cross(direction[:3], row[:3] / row.norm(), dim=0).abs().max() < 1e-6
+
+
+def test_bfloat16_model_steers(tiny_model_dir):
+    model = load_model(str(tiny_model_dir), dtype="bfloat16")
+    steering = SAESteering(model, sparse_sae(model), HOOK)
+    baseline = steering.generate(PROMPTS[0], max_new_tokens=NEW)
+    assert steering.generate(PROMPTS[0], 5, 0.0, units="absolute", max_new_tokens=NEW) == baseline
+    for mode in ("add", "clamp"):
+        assert (
+            steering.generate(PROMPTS[0], 5, 200.0, units="absolute", mode=mode, max_new_tokens=NEW)
+            != baseline
+        )
+
+
+def test_refusals(steering):
+    with pytest.raises(ConfigError, match="feature"):
+        steering.generate(PROMPTS[0], steering.sae.d_sae, 1.0)
+    with pytest.raises(ConfigError, match="mode"):
+        steering.generate(PROMPTS[0], 1, 1.0, mode="multiply")
+    bare = SAESteering(steering.model, steering.sae, HOOK)
+    with pytest.raises(ConfigError, match="drrik analyze"):
+        bare.generate(PROMPTS[0], 1, 1.0)
+
+
+def test_cmd_steer(tiny_model, tiny_model_dir, tmp_path, capsys):
+    run = make_run(tmp_path / "run", tiny_model, tiny_model_dir, text_file(tmp_path / "d.txt"))
+    argv = [str(run), "--prompt", PROMPTS[0], "--prompt", PROMPTS[2], "--max-new-tokens", "4"]
+    assert cmd_steer([*argv, "--feature", "5", "--strength", "300"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("baseline:") == 2 and out.count("steered:") == 2
+    assert cmd_steer([*argv, "--find"]) == 0
+    assert "'feature':" in capsys.readouterr().out
