@@ -98,7 +98,7 @@ def cmd_eval(argv: list[str]) -> int:
 
     from drrik.data import ContextStream, SpecialTokens, load_source
     from drrik.evaluate import EvalTarget, evaluate, format_metrics, held_out_contexts
-    from drrik.model import check_hooks, load_model
+    from drrik.model import check_hooks, load_model, resolve_dtype
     from drrik.sae import load_sae
 
     sae_dir = _saved_sae_dir(args.dir)
@@ -114,7 +114,8 @@ def cmd_eval(argv: list[str]) -> int:
     )
     eval_cfg = EvalConfig(eval_contexts=args.eval_contexts)
     sae = load_sae(sae_dir, device=args.device)
-    model = load_model(model_cfg.model, device=args.device, dtype=model_cfg.model_dtype)
+    dtype = resolve_dtype(model_cfg.model_dtype, args.device)
+    model = load_model(model_cfg.model, device=args.device, dtype=dtype)
     check_hooks(model, model_cfg.hook_names)
     dataset = load_source(data_cfg, args.eval_split)
     holdout = "all" if args.eval_split else "eval"

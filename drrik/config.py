@@ -36,8 +36,8 @@ class ModelConfig(Serializable):
     """TransformerLens hook name; several comma-separated hooks share one forward pass."""
     device: str = "cpu"
     """Device of the model and the SAE: cpu, cuda, cuda:1, mps."""
-    model_dtype: str = "float32"
-    """Precision of the language model: float32, bfloat16 or float16."""
+    model_dtype: str = "auto"
+    """LM precision: float32, bfloat16, float16, or auto (bfloat16 where the hardware has it)."""
     model_n_devices: int = 1
     """Spread the model's layers over this many GPUs (for models too big for one)."""
 
@@ -56,7 +56,12 @@ class ModelConfig(Serializable):
             self.hook,
             "list each hook once",
         )
-        require(self.model_dtype in DTYPES, "model_dtype", self.model_dtype, f"use one of {DTYPES}")
+        require(
+            self.model_dtype in ("auto", *DTYPES),
+            "model_dtype",
+            self.model_dtype,
+            f"use auto or one of {DTYPES}",
+        )
         require(self.model_n_devices >= 1, "model_n_devices", self.model_n_devices, "use >= 1")
 
     @property

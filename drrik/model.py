@@ -29,6 +29,27 @@ _BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def native_bfloat16(device: str) -> bool:
+    """Whether ``device`` computes bfloat16 matmuls natively (fast) rather than emulating them."""
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device == "cpu":
+        try:
+            flags = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    return False
+
+
+def resolve_dtype(name: str, device: str) -> str:
+    """``auto`` becomes bfloat16 where it is native (3-4x faster LM forward on such CPUs,
+    with the same SAE quality in benchmarks/), float32 elsewhere; other names pass through."""
+    if name != "auto":
+        return name
+    return "bfloat16" if native_bfloat16(device) else "float32"
+
+
 def torch_dtype(name: str) -> torch.dtype:
     """Map a config dtype name to a torch dtype."""
     require(name in _DTYPES, "dtype", name, f"use one of {tuple(_DTYPES)}")

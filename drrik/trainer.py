@@ -32,7 +32,7 @@ from drrik.distributed import Distributed
 from drrik.errors import ConfigError, require
 from drrik.evaluate import EvalTarget, evaluate, format_metrics, held_out_contexts
 from drrik.geometric_median import geometric_median
-from drrik.model import load_model
+from drrik.model import load_model, resolve_dtype
 from drrik.plots import plot_feature_density, plot_training_curves
 from drrik.rng import rng_state, seed_everything, set_rng_state
 from drrik.run_dir import RunDir, default_run_name
@@ -122,8 +122,10 @@ class Trainer:
             cfg.out,
             "name the run directory (--out) when training with several processes",
         )
-        # The config saved is the one used: 0 data shards means one per process.
+        # The config saved is the one used: 0 data shards means one per process, auto dtype
+        # the one this hardware gets (so a resume elsewhere keeps it).
         cfg.distributed.data_shards = cfg.distributed.data_shards or self.dist.world_size
+        cfg.model.model_dtype = resolve_dtype(cfg.model.model_dtype, cfg.model.device)
         self.run = RunDir(cfg.out or default_run_name(cfg))
         self.run.check_reusable(cfg)
         cfg.wandb.resolved_mode()  # a bad WANDB_MODE fails before the model loads
