@@ -77,3 +77,23 @@ def test_path_choice() -> None:
     assert not small._takes_sparse_path(x)
     batch = build_sae(SAEConfig(architecture="batchtopk", d_in=16, d_sae=1024, k=8, aux_k=8))
     assert not batch._takes_sparse_path(x)  # a batch-wide top k is not a per-token one
+
+
+def test_sparse_path_is_bit_reproducible() -> None:
+    """Bit-exact resume needs the same gradients every time, threads or not."""
+    torch.manual_seed(0)
+    cfg = SAEConfig(
+        architecture="topk", d_in=64, d_sae=1024, k=8, aux_k=32, normalize_decoder=False
+    )
+    sae = build_sae(cfg).train()
+    x = torch.randn(512, 64, generator=torch.Generator().manual_seed(4))
+    mask = torch.zeros(1024, dtype=torch.bool)
+    mask[:300] = True
+    grads = []
+    for _ in range(3):
+        sae.zero_grad()
+        sae.training_forward(x, 0.0, mask).loss.backward()
+        grads.append([p.grad.clone() for p in sae.parameters()])
+    assert sae._takes_sparse_path(x)
+    for again in grads[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(grads[0], again, strict=True))

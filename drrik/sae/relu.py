@@ -26,10 +26,17 @@ class ReLUSAE(SAE):
         return torch.relu(self.pre_acts(x))
 
     def sparsity_penalty(self, feature_acts: Tensor) -> Tensor:
-        """Per-batch-mean L1 of ``feature_acts``, weighted by decoder norms when configured."""
+        """Per-batch-mean L1 of ``feature_acts``, weighted by decoder norms when configured.
+
+        Summed over the batch first (in at least float32), then weighted: the same value as
+        weighting every activation, without a second ``batch x d_sae`` tensor forward and back.
+        """
+        dtype = torch.promote_types(feature_acts.dtype, torch.float32)
+        per_feature = feature_acts.reshape(-1, self.d_sae).sum(0, dtype=dtype)
+        n_tokens = feature_acts.numel() // self.d_sae
         if self.cfg.scale_sparsity_by_decoder_norm:
-            feature_acts = feature_acts * self.decoder_norms()
-        return feature_acts.sum(dim=-1).mean()
+            per_feature = per_feature * self.decoder_norms()
+        return per_feature.sum() / n_tokens
 
     def training_forward(
         self,

@@ -22,6 +22,7 @@ SPARSE_MAX_DENSITY = 1 / 16
 """The sparse training path is taken when k / d_sae is at most this."""
 
 
+@torch.compiler.disable  # sparse tensors are not traceable; this runs eagerly under compile
 def _scatter_matmul(idx: Tensor, values: Tensor, dense: Tensor, n_features: int) -> Tensor:
     """``S^T @ dense`` for the sparse ``[batch, n_features]`` matrix ``S[b, idx[b, i]] =
     values[b, i]``: a ``[n_features, dense.shape[1]]`` result, the gradient of a weight that
@@ -201,8 +202,9 @@ class TopKSAE(SAE):
 
     def _sparse_decode(self, idx: Tensor, values: Tensor, norms: Tensor | None) -> Tensor:
         """``sum_i values[:, i] * W_dec[idx[:, i]]`` (divided by row norms when rescaling)."""
+        values = values.to(self.W_dec.dtype)
         if norms is not None:
-            values = values / norms[idx].clamp_min(1e-12)
+            values = values / _take(norms, idx).clamp_min(1e-12)
         out = F.embedding_bag(idx, self.W_dec.detach(), per_sample_weights=values, mode="sum")
         return _DecoderGrad.apply(out, idx, values.detach(), self.W_dec)
 
@@ -225,7 +227,7 @@ class TopKSAE(SAE):
                 idx_all = idx
         gathered = _GatherPreActs.apply(sae_in, self.W_enc, self.b_enc, pre, idx_all)
         if norms is not None:
-            gathered = gathered * norms[idx_all]
+            gathered = gathered * _take(norms, idx_all)
         values = gathered[:, :k].relu()
         x_hat = self._sparse_decode(idx, values, norms) + self.b_dec
         with torch.no_grad():
@@ -257,9 +259,17 @@ class TopKSAE(SAE):
         return {"k": self.cfg.k, "rescale_acts_by_decoder_norm": False}
 
 
+@torch.compiler.disable
 def _any_dead(dead_mask: Tensor | None) -> bool:
     """Whether AuxK has work to do. On CPU the check is free; elsewhere it would synchronize
-    the device every step, so there it always answers yes and the loss is zeroed on device."""
+    the device every step, so there it always answers yes and the loss is zeroed on device.
+    (Run eagerly under torch.compile: the answer decides which graph follows.)"""
     if dead_mask is None:
         return False
     return dead_mask.device.type != "cpu" or bool(dead_mask.any())
+
+
+def _take(values: Tensor, idx: Tensor) -> Tensor:
+    """``values[idx]`` whose backward is a deterministic ``index_add`` (advanced indexing's
+    accumulating backward is not reproducible bit for bit on CPU)."""
+    return values.index_select(0, idx.reshape(-1)).view(idx.shape)
