@@ -83,7 +83,7 @@ def sae_step_fn(
             optimizer.zero_grad(set_to_none=True)
             sae.normalize_decoder_rows()
             with torch.no_grad():
-                since_fired.add_(x.shape[0]).masked_fill_((out.feature_acts > 0).any(0), 0)
+                since_fired.add_(x.shape[0]).masked_fill_(out.fired(), 0)
 
     return step
 
@@ -159,6 +159,7 @@ def measure_floor(
                 d_sae=d_sae,
                 k=k if arch in ("topk", "batchtopk") else None,
                 l1_coefficient=l1_coefficient,
+                normalize_decoder=False,  # as compare_saelens.py trains (SAELens keeps rows free)
             )
             name = f"step {arch} " + ("bf16 autocast" if autocast else "fp32")
             sae = build_sae(cfg).train()

@@ -393,7 +393,7 @@ class Trainer:
         slot.sae.normalize_decoder_rows()
         slot.scheduler.step()
         with torch.no_grad():
-            fired = (out.feature_acts > 0).any(dim=0)
+            fired = out.fired()
             if self.dist.enabled:
                 fired = self.dist.max_(fired.to(torch.uint8)).bool()
                 for buffer in slot.sae.buffers():  # e.g. BatchTopK's learned threshold
@@ -410,7 +410,7 @@ class Trainer:
             {
                 "loss": out.loss,
                 **out.losses,
-                "l0": (out.feature_acts > 0).float().sum(-1).mean(),
+                "l0": out.l0(),
                 "explained_variance": batch_explained_variance(x, out.x_hat),
                 "steps": torch.ones((), device=finite.device),
             }

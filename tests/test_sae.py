@@ -455,8 +455,11 @@ def test_batchtopk_saved_as_jumprelu_gives_similar_acts(tmp_path) -> None:
         json.dump(cfg, f)
     as_jumprelu = SAE.load(tmp_path / "sae")
     assert type(as_jumprelu) is JumpReLUSAE
+    # Fresh inputs for the exact comparison: the threshold was learned on x, so some of x's
+    # pre-activations sit on it, where float rounding decides either way.
+    fresh = inputs(64, seed=4)
+    torch.testing.assert_close(as_jumprelu.encode(fresh), sae.eval().encode(fresh))
     jump_acts = as_jumprelu.encode(x)
-    torch.testing.assert_close(jump_acts, sae.eval().encode(x))
     agree = ((jump_acts > 0) == (train_acts > 0)).float().mean()
     assert agree > 0.9
     assert abs((jump_acts > 0).sum(dim=1).float().mean() - 3) < 1.0

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from drrik.sae import batchtopk, gated, jumprelu, relu, topk  # noqa: F401  (registration)
-from drrik.sae.base import ARCHITECTURES, SAE, TrainOutput, register
+from drrik.sae.base import ARCHITECTURES, SAE, SparseTrainOutput, TrainOutput, register
 from drrik.sae.batchtopk import BatchTopKSAE
 from drrik.sae.config import SAEConfig
 from drrik.sae.dead_features import DeadFeatureTracker, resample_dead_features
@@ -39,6 +39,7 @@ __all__ = [
     "ReLUSAE",
     "SAEConfig",
     "TopKSAE",
+    "SparseTrainOutput",
     "TrainOutput",
     "build_sae",
     "load_sae",

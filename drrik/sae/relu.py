@@ -28,11 +28,14 @@ class ReLUSAE(SAE):
     def sparsity_penalty(self, feature_acts: Tensor) -> Tensor:
         """Per-batch-mean L1 of ``feature_acts``, weighted by decoder norms when configured.
 
-        Summed over the batch first (in at least float32), then weighted: the same value as
-        weighting every activation, without a second ``batch x d_sae`` tensor forward and back.
+        Summed over the batch first, then weighted: the same value as weighting every
+        activation, without a second ``batch x d_sae`` tensor forward and back. The sum
+        accumulates in float32 even for bf16 activations and is rounded once per feature;
+        asking for a float32 result instead would copy the whole batch to float32, and its
+        gradient back.
         """
         dtype = torch.promote_types(feature_acts.dtype, torch.float32)
-        per_feature = feature_acts.reshape(-1, self.d_sae).sum(0, dtype=dtype)
+        per_feature = feature_acts.reshape(-1, self.d_sae).sum(0).to(dtype)
         n_tokens = feature_acts.numel() // self.d_sae
         if self.cfg.scale_sparsity_by_decoder_norm:
             per_feature = per_feature * self.decoder_norms()

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from drrik.sae.base import SAE, TrainOutput, register
+from drrik.sae.base import SAE, SparseTrainOutput, TrainOutput, register
 from drrik.sae.config import SAEConfig
 
 SPARSE_MAX_DENSITY = 1 / 16
@@ -43,19 +43,19 @@ def _scatter_matmul(idx: Tensor, values: Tensor, dense: Tensor, n_features: int)
 
 
 class _GatherPreActs(torch.autograd.Function):
-    """``pre[row, idx[row]]`` for ``pre = sae_in @ W_enc + b_enc`` computed by the caller.
+    """``pre[row, idx[row]]`` for ``pre = sae_in @ W_enc + b_enc``, gathered by the caller.
 
-    Forward is a gather; backward reaches only the gathered entries: the encoder-weight gradient
-    is a sparse product, the input gradient an ``embedding_bag`` over encoder columns, the bias
-    gradient an ``index_add``.
+    Forward hands back the gathered values; backward reaches only the gathered entries: the
+    encoder-weight gradient is a sparse product, the input gradient an ``embedding_bag`` over
+    encoder columns, the bias gradient an ``index_add``.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, sae_in: Tensor, W_enc: Tensor, b_enc: Tensor, pre: Tensor, idx: Tensor
+        ctx: Any, sae_in: Tensor, W_enc: Tensor, b_enc: Tensor, selected: Tensor, idx: Tensor
     ) -> Tensor:
         ctx.save_for_backward(sae_in, W_enc, idx)
-        return pre.gather(1, idx)
+        return selected.view_as(selected)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
@@ -214,8 +214,13 @@ class TopKSAE(SAE):
         sae_in = self.sae_in(x)
         norms = self.decoder_norms() if self.rescale_by_decoder_norm else None
         with torch.no_grad():
-            pre = torch.addmm(self.b_enc, sae_in, self.W_enc)
-            ranked = pre * norms if norms is not None else pre
+            if norms is None:
+                ranked = torch.addmm(self.b_enc, sae_in, self.W_enc)
+            else:
+                # Contributions pre * ||W_dec_i||, with the norms folded into the encoder: a
+                # d_in x d_sae product instead of one over the whole batch x d_sae.
+                row_norms = norms.detach()
+                ranked = torch.addmm(self.b_enc * row_norms, sae_in, self.W_enc * row_norms)
             idx = ranked.topk(k, dim=-1).indices
             aux = _any_dead(dead_mask)
             if aux:
@@ -225,13 +230,14 @@ class TopKSAE(SAE):
                 idx_all = torch.cat([idx, aux_idx], dim=1)
             else:
                 idx_all = idx
-        gathered = _GatherPreActs.apply(sae_in, self.W_enc, self.b_enc, pre, idx_all)
+            selected = ranked.gather(1, idx_all)
+            if norms is not None:
+                selected = selected / _take(row_norms, idx_all).clamp_min(1e-12)
+        gathered = _GatherPreActs.apply(sae_in, self.W_enc, self.b_enc, selected, idx_all)
         if norms is not None:
             gathered = gathered * _take(norms, idx_all)
         values = gathered[:, :k].relu()
         x_hat = self._sparse_decode(idx, values, norms) + self.b_dec
-        with torch.no_grad():
-            feature_acts = torch.zeros_like(pre, dtype=values.dtype).scatter_(1, idx, values)
         losses = {"mse_loss": self.mse(x_hat, x)}
         if aux:
             residual = (x - x_hat).detach()
@@ -243,7 +249,7 @@ class TopKSAE(SAE):
         else:
             losses["aux_loss"] = x_hat.new_zeros(())
         loss = losses["mse_loss"] + losses["aux_loss"]
-        return TrainOutput(loss=loss, losses=losses, feature_acts=feature_acts, x_hat=x_hat)
+        return SparseTrainOutput(loss, losses, x_hat, idx, values, self.d_sae)
 
     def saelens_tensors(self) -> dict[str, Tensor]:
         """Decoder norms folded in (rows become unit norm), so SAELens needs no rescaling."""
