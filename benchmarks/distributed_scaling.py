@@ -122,6 +122,16 @@ def main() -> None:
         "",
         f"Gradient all-reduce ({numel:,} floats, gloo): {allreduce * 1000:.1f} ms per step, "
         f"{100 * allreduce / step_seconds:.1f}% of a {step_seconds:.2f} s step.",
+        "",
+        f"{args.nproc} processes share this machine's {cores} cores ({max(1, cores // args.nproc)}"
+        " threads each, against all of them for the single process): on a machine with a device "
+        "per process the speedup approaches the process count less the all-reduce share; here "
+        "equal total compute makes 1.0x the expectation, and the table shows what data "
+        "parallelism itself costs.",
+        "",
+        f"{result['machine']['date']}; {result['machine']['cpu']}, {cores} cores; "
+        f"{args.model}, {args.hook}, batch {args.batch} per process, "
+        f"{args.tokens:,} tokens per process.",
     ]
     write_results("distributed_scaling", result, "\n".join(table))
 
