@@ -231,11 +231,12 @@ class TopKSAE(SAE):
             else:
                 idx_all = idx
             selected = ranked.gather(1, idx_all)
-            if norms is not None:
-                selected = selected / _take(row_norms, idx_all).clamp_min(1e-12)
+        if norms is not None:  # back to plain pre-activations; the norms' gradient flows below
+            taken = _take(norms, idx_all)
+            selected = selected / taken.detach().clamp_min(1e-12)
         gathered = _GatherPreActs.apply(sae_in, self.W_enc, self.b_enc, selected, idx_all)
         if norms is not None:
-            gathered = gathered * _take(norms, idx_all)
+            gathered = gathered * taken
         values = gathered[:, :k].relu()
         x_hat = self._sparse_decode(idx, values, norms) + self.b_dec
         losses = {"mse_loss": self.mse(x_hat, x)}
