@@ -9,6 +9,7 @@ config classes because the CLI exposes them as flat flags (``--hook``, ``--conte
 from __future__ import annotations
 
 import contextlib
+import difflib
 import re
 import types
 import typing
@@ -18,7 +19,7 @@ from typing import Any
 
 from simple_parsing.helpers import Serializable
 
-from drrik.errors import check_device, read_yaml, require
+from drrik.errors import check_device, read_yaml, reading, require
 from drrik.sae.config import SAEConfig
 from drrik.wandb_logging import WandbConfig
 
@@ -427,7 +428,7 @@ def load_config_file(path: str | Path, device: str | None = None) -> RunConfig:
     require(isinstance(tree, dict), "config", str(path), "the YAML must be a mapping of sections")
     top = _field_types(RunConfig)
     for section, values in tree.items():
-        require(section in top, "config", section, f"unknown section; use {sorted(top)}")
+        require(section in top, "config", section, f"unknown section in {path}; use {sorted(top)}")
         if not is_dataclass(top[section]):
             tree[section] = _field_value(section, values, top[section], path)
             continue
@@ -437,9 +438,12 @@ def load_config_file(path: str | Path, device: str | None = None) -> RunConfig:
         )
         hints = _field_types(top[section])
         for name, value in values.items():
-            require(name in hints, f"{section}.{name}", value, "no such field")
+            close = difflib.get_close_matches(str(name), hints, n=1)
+            hint = f"did you mean {section}.{close[0]}?" if close else f"use {sorted(hints)}"
+            require(name in hints, f"{section}.{name}", value, f"no such field in {path}; {hint}")
             values[name] = _field_value(f"{section}.{name}", value, hints[name], path)
         tree[section] = values
     if device is not None:
         tree.setdefault("model", {})["device"] = device
-    return RunConfig.from_dict(tree, drop_extra_fields=False)
+    with reading("config", str(path), "fix the file or pass the values as flags"):
+        return RunConfig.from_dict(tree, drop_extra_fields=False)

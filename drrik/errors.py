@@ -53,12 +53,12 @@ def reading(field: str, value: Any, fix: str, problem: str = "cannot read it") -
 
     Keep the block to the one library call that reads ``value``: there, every failure means
     the input is bad, whatever type the library raises for it. A :class:`ConfigError` from
-    inside passes through unchanged.
+    inside (a bad value read from ``value``) keeps its field and says where it was read.
     """
     try:
         yield
-    except ConfigError:
-        raise
+    except ConfigError as exc:
+        raise ConfigError(exc.field, exc.value, f"{exc.fix} (in {value})") from exc
     except Exception as exc:  # one cause (unreadable input) arrives as many library types
         raise ConfigError(field, value, f"{problem} ({describe(exc)}); {fix}") from exc
 
@@ -98,8 +98,10 @@ def check_device(device: str, field: str = "device") -> None:
     """
     import torch
 
-    with reading(field, device, DEVICE_FIX, problem="not a device name"):
+    try:
         parsed = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(field, device, f"not a device name; {DEVICE_FIX}") from None
     if parsed.type == "cpu":
         return
     if parsed.type == "cuda":

@@ -369,7 +369,8 @@ def cmd_steer(argv: list[str]) -> int:
     require(top_p is None or 0 < top_p <= 1, "top_p", top_p, "use a fraction in (0, 1]")
     values: list[float] = []
     if args.compare:
-        with reading("compare", args.compare, "give comma-separated numbers, e.g. 2,5,10"):
+        fix = "give comma-separated numbers, e.g. 2,5,10"
+        with reading("compare", args.compare, fix, problem="not a list of strengths"):
             values = [float(s) for s in args.compare.split(",") if s.strip()]
         require(bool(values), "compare", args.compare, "give at least one strength")
     require(

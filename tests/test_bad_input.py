@@ -37,7 +37,8 @@ Files = dict[str, str | bytes]
 class Bad:
     """One bad input. ``args`` may hold ``{tmp}`` (the case's directory), ``{run}`` (its copy
     of a saved run), ``{model}`` and ``{data}`` (a good model and dataset); ``train`` args
-    follow the flags of a valid small run. ``files`` are written under ``{tmp}`` first, ``cut``
+    follow the flags of a valid small run; ``{tmp}/tiny-copy`` is a copy of the model.
+    ``files`` are written under ``{tmp}`` first, ``cut``
     files truncated to 100 bytes (as a full disk or a killed copy leaves them) and ``gone``
     files deleted."""
 
@@ -155,6 +156,12 @@ CASES: dict[str, Bad] = {
     "train-model-dir-without-config": train(
         "--model", "{tmp}/no-config", named="no-config", files={"no-config/w.bin": b"0"}
     ),
+    "train-model-config-garbage": train(
+        "--model", "{tmp}/tiny-copy", named="tiny-copy", files={"tiny-copy/config.json": "{"}
+    ),
+    "train-model-weights-truncated": Bad(
+        "train", ("--model", "{tmp}/tiny-copy"), "tiny-copy", cut=("tiny-copy/model.safetensors",)
+    ),
     "train-model-gguf-missing": train("--model", "{tmp}/m.gguf", named="m.gguf"),
     "train-flag-not-a-number": train("--lr", "abc", named="abc"),
     "train-context-size-1": train("--context-size", "1", named="context_size=1"),
@@ -176,6 +183,12 @@ CASES: dict[str, Bad] = {
     "eval-dataset-torn": dataset("eval", "t.jsonl", {"t.jsonl": TORN_JSONL}),
     "eval-eval-contexts-0": on_run("eval", "--eval-contexts", "0", named="eval_contexts=0"),
     "eval-eval-contexts-word": on_run("eval", "--eval-contexts", "many", named="many"),
+    "eval-model-tokenizer-garbage": on_run(
+        "eval",
+        *("--model", "{tmp}/tiny-copy"),
+        named="tiny-copy",
+        files={"tiny-copy/tokenizer.json": "{"},
+    ),
     "eval-model-missing": on_run("eval", "--model", "./no-model", named="no-model"),
     "eval-not-an-sae": Bad("eval", ("{tmp}",), named="DIR="),
     # -- analyze -----------------------------------------------------------------------------
@@ -300,6 +313,8 @@ def snapshot(directory: Path) -> dict[Path, bytes]:
 def prepare(bad: Bad, tmp: Path, saved_run: Path, model: Path, data: Path) -> list[str]:
     """Build the case's input under ``tmp``; its argv."""
     shutil.copytree(saved_run, tmp / "run")
+    if any("{tmp}/tiny-copy" in a for a in bad.args):  # a model copy to damage
+        shutil.copytree(model, tmp / "tiny-copy")
     for name, content in bad.files.items():
         path = tmp / name
         path.parent.mkdir(parents=True, exist_ok=True)
