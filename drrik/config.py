@@ -365,15 +365,17 @@ class RunConfig(Serializable):
         values = self.sae.to_dict()
         for name, raw in setting.items():
             current = getattr(self.sae, name)
-            values[name] = (
-                raw
-                if name == "architecture"
-                else (
-                    float(raw)
-                    if isinstance(current, float) or name == "l1_coefficient"
-                    else int(raw)
+            number = "a number" if name == "l1_coefficient" else "a whole number"
+            with reading("sweep", f"{name}={raw}", f"give {number}", problem="not " + number):
+                values[name] = (
+                    raw
+                    if name == "architecture"
+                    else (
+                        float(raw)
+                        if isinstance(current, float) or name == "l1_coefficient"
+                        else int(raw)
+                    )
                 )
-            )
         if "d_sae" in setting:
             values["expansion_factor"] = None
         if "expansion_factor" in setting:

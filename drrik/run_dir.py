@@ -105,6 +105,7 @@ class RunDir:
 
     def check_reusable(self, cfg: RunConfig) -> None:
         """Refuse a non-empty directory that is not a run of this same config."""
+        require(not self.path.is_file(), "out", str(self.path), "it is a file; name a directory")
         if not self.path.exists() or not any(self.path.iterdir()):
             return
         saved = self.saved_config()

@@ -163,6 +163,9 @@ CASES: dict[str, Bad] = {
         "train", ("--model", "{tmp}/tiny-copy"), "tiny-copy", cut=("tiny-copy/model.safetensors",)
     ),
     "train-model-gguf-missing": train("--model", "{tmp}/m.gguf", named="m.gguf"),
+    "train-sweep-word-for-k": train("--sweep", "k=8,abc", named="k=abc"),
+    "train-out-is-a-file": train("--out", "{tmp}/a-file", named="a-file", files={"a-file": "x"}),
+    "train-dataset-only-blank-lines": dataset("train", "blank.txt", {"blank.txt": "\n\n \n"}),
     "train-flag-not-a-number": train("--lr", "abc", named="abc"),
     "train-context-size-1": train("--context-size", "1", named="context_size=1"),
     "train-hook-unknown": train("--hook", "blocks.99.hook_resid_post", named="blocks.99"),
