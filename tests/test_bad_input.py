@@ -451,3 +451,37 @@ def test_the_reported_cases_through_the_real_command(
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"drrik {bad.command}: error: ") and bad.named in last
     assert snapshot(tmp_path) == before
+
+
+def test_device_check_counts_the_gpus_it_has(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a machine with two GPUs, cuda and cuda:1 pass and cuda:2 names the count."""
+    import torch
+
+    from drrik.errors import ConfigError, check_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for device in ("cpu", "cuda", "cuda:0", "cuda:1"):
+        check_device(device)
+    with pytest.raises(ConfigError, match=r"device='cuda:2': this machine has 2 CUDA device"):
+        check_device("cuda:2")
+    with pytest.raises(ConfigError, match="act_store_device='cuda:5'.*cuda:0 to cuda:1"):
+        check_device("cuda:5", "act_store_device")
+
+
+def test_library_errors_become_one_line_naming_the_root_cause() -> None:
+    """A wrapped library error shows its root cause on one line; a ConfigError raised while
+    reading keeps its field and says where the value came from."""
+    from drrik.errors import ConfigError, reading
+
+    with pytest.raises(ConfigError) as info, reading("dataset", "d.jsonl", "fix it"):
+        try:
+            raise ValueError("parse error\n  in row 3")
+        except ValueError as exc:
+            raise RuntimeError("An error occurred while generating the dataset") from exc
+    assert str(info.value) == (
+        "dataset='d.jsonl': cannot read it (ValueError: parse error in row 3); fix it"
+    )
+    with pytest.raises(ConfigError) as info, reading("config", "c.yaml", "fix it"):
+        raise ConfigError("lr", -1.0, "use a value >= 0")
+    assert (info.value.field, str(info.value)) == ("lr", "lr=-1.0: use a value >= 0 (in c.yaml)")
