@@ -27,7 +27,7 @@ import json
 import math
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +36,14 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from drrik.config import DataConfig
+from drrik.config import DataConfig, RunConfig, load_config_file
 from drrik.data import ContextStream, SpecialTokens, load_source
-from drrik.errors import require
+from drrik.errors import check_device, read_json, reading, require
 from drrik.evaluate import held_out_contexts
 from drrik.model import check_hooks, load_model, run_hooks
-from drrik.run_dir import CONFIG_FILE, FINAL_DIR, RunDir, write_text_atomic
+from drrik.run_dir import CONFIG_FILE, FINAL_DIR, write_text_atomic
 from drrik.sae import SAE, load_sae
+from drrik.sae.saving import SAVED_SAE_FIX, read_sae_cfg
 
 ANALYSIS_DIR = "analysis"
 TENSORS_FILE = "features.safetensors"
@@ -421,9 +422,14 @@ class AnalysisResults:
             str(path),
             "no analysis there; run drrik analyze first",
         )
-        content = json.loads((path / META_FILE).read_text())
-        vocab = {int(k): v for k, v in content["vocab"].items()}
-        return cls(content["meta"], load_file(str(path / TENSORS_FILE)), vocab)
+        fix = "run drrik analyze again to rewrite it"
+        content = read_json(path / META_FILE, fix)
+        with reading("file", str(path / META_FILE), fix, "not an analysis"):
+            vocab = {int(k): v for k, v in content["vocab"].items()}
+            meta = dict(content["meta"])
+        with reading("file", str(path / TENSORS_FILE), fix):
+            tensors = load_file(str(path / TENSORS_FILE))
+        return cls(meta, tensors, vocab)
 
 
 # -- saved runs ------------------------------------------------------------------------------
@@ -443,6 +449,7 @@ class SavedSAE:
     output_root: Path
     name: str | None
     metadata: dict[str, Any]
+    cfg_json: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def locate(cls, path: str | Path, name: str | None = None) -> SavedSAE:
@@ -462,8 +469,26 @@ class SavedSAE:
                 name = names[0]
             require(name in names, "sae", name, f"the run holds several SAEs: {', '.join(names)}")
             sae_dir, run_dir = final / str(name), path
-        metadata = json.loads((sae_dir / "cfg.json").read_text()).get("metadata", {})
-        return cls(sae_dir, run_dir, run_dir or sae_dir, name, metadata)
+        cfg_json = read_sae_cfg(sae_dir)
+        return cls(sae_dir, run_dir, run_dir or sae_dir, name, cfg_json["metadata"], cfg_json)
+
+    @property
+    def d_sae(self) -> int:
+        """The SAE's width from ``cfg.json``: feature ids are checked against it before any
+        model loads."""
+        d_sae = self.cfg_json.get("d_sae")
+        require(
+            isinstance(d_sae, int) and d_sae > 0,
+            "file",
+            str(self.sae_dir / "cfg.json"),
+            f"it gives no positive integer d_sae; {SAVED_SAE_FIX}",
+        )
+        return d_sae
+
+    def check_features(self, features: Iterable[int], field: str = "feature") -> None:
+        """Refuse feature ids outside ``[0, d_sae)``."""
+        for f in features:
+            require(0 <= f < self.d_sae, field, f, f"use ids in [0, {self.d_sae})")
 
     def output_dir(self, kind: str) -> Path:
         """``analysis`` or ``report`` directory of this SAE."""
@@ -480,14 +505,17 @@ class SavedSAE:
         require(bool(hook), "hook", hook, "the SAE's cfg.json names no metadata.hook_name")
         return str(hook)
 
-    def _run_config(self) -> dict[str, Any] | None:
-        return RunDir(self.run_dir).saved_config() if self.run_dir else None
+    def _run_config(self) -> RunConfig | None:
+        """The run's config.yaml, checked; its device is not used here, so not checked."""
+        if self.run_dir is None or not (self.run_dir / CONFIG_FILE).is_file():
+            return None
+        return load_config_file(self.run_dir / CONFIG_FILE, device="cpu")
 
     def data_config(self, dataset: str | None = None) -> DataConfig:
         """The run's data settings (config.yaml), else what the SAE's metadata records."""
         saved = self._run_config()
         if saved is not None:
-            values = dict(saved["data"])
+            values = saved.data.to_dict()
         else:
             values = {
                 "dataset": self.metadata.get("dataset_path", "drrik-offline"),
@@ -507,7 +535,7 @@ class SavedSAE:
         """The SAE's language model (``model``: a name, a loaded model, or None), hook checked."""
         if model is None or isinstance(model, str):
             saved = self._run_config()
-            dtype = saved["model"]["model_dtype"] if saved else "float32"
+            dtype = saved.model.model_dtype if saved else "float32"
             model = load_model(self.model_name(model), device=device, dtype=dtype)
         check_hooks(model, [self.hook])
         return model
@@ -538,12 +566,14 @@ def analyze(
     SAE was trained on); ``dataset`` replaces the training dataset (all its rows are used).
     """
     cfg = cfg or AnalysisConfig()
+    check_device(device)
     saved = SavedSAE.locate(path, sae_name)
     model_name = saved.model_name(model if isinstance(model, str) else None)
+    # Cheap reads first, so that a damaged SAE, config or dataset fails before the model loads.
     sae = saved.load_sae(device)
-    lm = saved.load_model(model, device)
     data_cfg = saved.data_config(dataset)
     source = load_source(data_cfg, data_cfg.eval_split)
+    lm = saved.load_model(model, device)
     holdout = "all" if data_cfg.eval_split or dataset else "eval"
     stream = ContextStream(source, lm.tokenizer, data_cfg, holdout=holdout, cycle=False)
     n_contexts = math.ceil(cfg.n_tokens / data_cfg.context_size)

@@ -39,6 +39,7 @@ def parse_train_args(argv: list[str]) -> RunConfig:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", type=Path)
     pre.add_argument("--resume", type=Path)
+    pre.add_argument("--device")
     known, _ = pre.parse_known_args(argv)
     defaults = None
     if known.resume is not None:
@@ -49,9 +50,9 @@ def parse_train_args(argv: list[str]) -> RunConfig:
             str(known.resume),
             "no drrik run there (no config.yaml); check the path",
         )
-        defaults = load_config_file(saved)
+        defaults = load_config_file(saved, device=known.device)
     elif known.config is not None:
-        defaults = load_config_file(known.config)
+        defaults = load_config_file(known.config, device=known.device)
     cfg = train_parser(defaults).parse_args(argv).cfg
     if known.resume is not None:
         cfg.out = str(known.resume)
@@ -100,9 +101,10 @@ def cmd_eval(argv: list[str]) -> int:
     from drrik.evaluate import EvalTarget, evaluate, format_metrics, held_out_contexts
     from drrik.model import check_hooks, load_model, resolve_dtype
     from drrik.sae import load_sae
+    from drrik.sae.saving import read_sae_cfg
 
     sae_dir = _saved_sae_dir(args.dir)
-    meta = json.loads((sae_dir / "cfg.json").read_text()).get("metadata", {})
+    meta = read_sae_cfg(sae_dir)["metadata"]
     model_name = args.model or meta.get("model_name")
     require(bool(model_name), "model", model_name, "the SAE names no model; pass --model")
     model_cfg = ModelConfig(model=model_name, hook=meta.get("hook_name", ""), device=args.device)
@@ -113,11 +115,12 @@ def cmd_eval(argv: list[str]) -> int:
         prepend_bos=bool(meta.get("prepend_bos", True)),
     )
     eval_cfg = EvalConfig(eval_contexts=args.eval_contexts)
+    # Cheap reads first, so that a damaged SAE or dataset fails before the model loads.
     sae = load_sae(sae_dir, device=args.device)
+    dataset = load_source(data_cfg, args.eval_split)
     dtype = resolve_dtype(model_cfg.model_dtype, args.device)
     model = load_model(model_cfg.model, device=args.device, dtype=dtype)
     check_hooks(model, model_cfg.hook_names)
-    dataset = load_source(data_cfg, args.eval_split)
     holdout = "all" if args.eval_split else "eval"
     stream = ContextStream(dataset, model.tokenizer, data_cfg, holdout=holdout, cycle=False)
     contexts = held_out_contexts(stream, eval_cfg.eval_contexts, eval_cfg.eval_batch_size_prompts)

@@ -8,14 +8,18 @@ config classes because the CLI exposes them as flat flags (``--hook``, ``--conte
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import re
-from dataclasses import dataclass, field, fields
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
+from typing import Any
 
-import yaml
 from simple_parsing.helpers import Serializable
 
-from drrik.errors import require
+from drrik.errors import check_device, read_yaml, reading, require
 from drrik.sae.config import SAEConfig
 from drrik.wandb_logging import WandbConfig
 
@@ -63,6 +67,7 @@ class ModelConfig(Serializable):
             f"use auto or one of {DTYPES}",
         )
         require(self.model_n_devices >= 1, "model_n_devices", self.model_n_devices, "use >= 1")
+        check_device(self.device)
 
     @property
     def hook_names(self) -> list[str]:
@@ -145,6 +150,8 @@ class StoreConfig(Serializable):
             f"use model or one of {DTYPES}",
         )
         require(self.prefetch_batches >= 1, "prefetch_batches", self.prefetch_batches, "use >= 1")
+        if self.act_store_device not in ("sae", "model"):
+            check_device(self.act_store_device, "act_store_device")
 
     def buffer_tokens(self, context_size: int) -> int:
         """Capacity of the mixing buffer in tokens."""
@@ -358,15 +365,17 @@ class RunConfig(Serializable):
         values = self.sae.to_dict()
         for name, raw in setting.items():
             current = getattr(self.sae, name)
-            values[name] = (
-                raw
-                if name == "architecture"
-                else (
-                    float(raw)
-                    if isinstance(current, float) or name == "l1_coefficient"
-                    else int(raw)
+            number = "a number" if name == "l1_coefficient" else "a whole number"
+            with reading("sweep", f"{name}={raw}", f"give {number}", problem="not " + number):
+                values[name] = (
+                    raw
+                    if name == "architecture"
+                    else (
+                        float(raw)
+                        if isinstance(current, float) or name == "l1_coefficient"
+                        else int(raw)
+                    )
                 )
-            )
         if "d_sae" in setting:
             values["expansion_factor"] = None
         if "expansion_factor" in setting:
@@ -374,18 +383,69 @@ class RunConfig(Serializable):
         return SAEConfig(**values)
 
 
-def load_config_file(path: str | Path) -> RunConfig:
-    """A RunConfig from YAML with the same nested sections as a run's config.yaml."""
+def _field_value(name: str, value: Any, hint: Any, path: Path) -> Any:
+    """``value`` from YAML as the field's type, or a ConfigError naming the field.
+
+    YAML types do not always match the fields' (``1.5e6`` is a string, ``8.5`` a float for an
+    int field); left to the dataclass converters they fail with a traceback or truncate.
+    """
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None:
+        require(type(None) in options, name, value, f"give a value in {path} (null is not allowed)")
+        return None
+    kind = next(t for t in options if t is not type(None))
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    converted: Any = None
+    if kind is bool:
+        converted = value if isinstance(value, bool) else None
+    elif kind is str:
+        converted = str(value) if isinstance(value, str) or number else None
+    elif kind in (int, float) and (number or isinstance(value, str)):
+        with contextlib.suppress(ValueError):
+            as_float = float(value)
+            if kind is float:
+                converted = as_float
+            elif as_float.is_integer():
+                converted = int(as_float)
+    expected = {bool: "true or false", str: "a string", int: "a whole number", float: "a number"}
+    require(converted is not None, name, value, f"expected {expected[kind]} in {path}")
+    return converted
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    """A dataclass's fields and their types (its ClassVars left out)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
+
+
+def load_config_file(path: str | Path, device: str | None = None) -> RunConfig:
+    """A RunConfig from YAML with the same nested sections as a run's config.yaml.
+
+    ``device`` replaces the file's ``model.device`` before the config is checked, so a run
+    saved on a GPU machine resumes elsewhere with ``--device cpu``.
+    """
     path = Path(path)
     require(path.is_file(), "config", str(path), "no such file; check the path")
-    with open(path) as f:
-        tree = yaml.safe_load(f) or {}
+    tree = read_yaml(path, "fix the file or pass the values as flags") or {}
     require(isinstance(tree, dict), "config", str(path), "the YAML must be a mapping of sections")
-    known = {f.name for f in fields(RunConfig)}
+    top = _field_types(RunConfig)
     for section, values in tree.items():
-        require(section in known, "config", section, f"unknown section; use {sorted(known)}")
-        if isinstance(values, dict):
-            names = {f.name for f in fields(getattr(RunConfig(), section))}
-            for name in values:
-                require(name in names, f"{section}.{name}", values[name], "no such field")
-    return RunConfig.from_dict(tree, drop_extra_fields=False)
+        require(section in top, "config", section, f"unknown section in {path}; use {sorted(top)}")
+        if not is_dataclass(top[section]):
+            tree[section] = _field_value(section, values, top[section], path)
+            continue
+        values = {} if values is None else values
+        require(
+            isinstance(values, dict), section, values, f"expected a mapping of fields in {path}"
+        )
+        hints = _field_types(top[section])
+        for name, value in values.items():
+            close = difflib.get_close_matches(str(name), hints, n=1)
+            hint = f"did you mean {section}.{close[0]}?" if close else f"use {sorted(hints)}"
+            require(name in hints, f"{section}.{name}", value, f"no such field in {path}; {hint}")
+            values[name] = _field_value(f"{section}.{name}", value, hints[name], path)
+        tree[section] = values
+    if device is not None:
+        tree.setdefault("model", {})["device"] = device
+    with reading("config", str(path), "fix the file or pass the values as flags"):
+        return RunConfig.from_dict(tree, drop_extra_fields=False)

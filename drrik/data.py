@@ -19,7 +19,7 @@ from datasets import Dataset, DatasetDict, IterableDataset, load_dataset, load_f
 
 from drrik.config import DataConfig
 from drrik.corpus import OFFLINE_CORPUS_NAME, load_offline_corpus
-from drrik.errors import ConfigError, require
+from drrik.errors import reading, require
 
 TOKEN_COLUMNS = ("tokens", "input_ids")
 _FILE_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -30,9 +30,11 @@ AnyDataset = Dataset | IterableDataset
 
 
 def _load_local(path: Path, split: str) -> AnyDataset:
+    """A local dataset; unreadable or empty files fail in one line that names the path."""
     if path.is_dir():
         if any((path / f).exists() for f in _SAVED_DATASET_FILES):
-            loaded = load_from_disk(str(path))
+            with reading("dataset", str(path), "save it again with Dataset.save_to_disk"):
+                loaded = load_from_disk(str(path))
             if isinstance(loaded, DatasetDict):
                 require(split in loaded, "split", split, f"use one of {list(loaded)}")
                 return loaded[split]
@@ -41,7 +43,6 @@ def _load_local(path: Path, split: str) -> AnyDataset:
         require(bool(files), "dataset", str(path), "the directory holds no txt/json/jsonl/parquet")
         builders = {_FILE_BUILDERS[p.suffix] for p in files}
         require(len(builders) == 1, "dataset", str(path), "mix of file types; keep one kind")
-        data_files = [str(p) for p in files]
     else:
         require(
             path.suffix in _FILE_BUILDERS,
@@ -49,11 +50,19 @@ def _load_local(path: Path, split: str) -> AnyDataset:
             str(path),
             f"use a file ending in one of {tuple(_FILE_BUILDERS)} or a saved dataset directory",
         )
-        builders, data_files = {_FILE_BUILDERS[path.suffix]}, [str(path)]
+        builders, files = {_FILE_BUILDERS[path.suffix]}, [path]
+    require(
+        any(p.stat().st_size > 0 for p in files),
+        "dataset",
+        str(path),
+        ("it is empty" if path.is_file() else "every file there is empty") + "; give it some text",
+    )
     builder = builders.pop()
     # Paragraphs, not lines, make natural documents out of plain text files.
     extra = {"sample_by": "paragraph"} if builder == "text" else {}
-    return load_dataset(builder, data_files=data_files, split="train", **extra)
+    fix = {"text": "save it as UTF-8 text"}.get(builder, f"check that it is valid {builder}")
+    with reading("dataset", str(path), fix):
+        return load_dataset(builder, data_files=[str(p) for p in files], split="train", **extra)
 
 
 def load_source(cfg: DataConfig, split: str | None = None) -> AnyDataset:
@@ -71,16 +80,9 @@ def load_source(cfg: DataConfig, split: str | None = None) -> AnyDataset:
         name,
         "no such file or directory; check the path",
     )
-    try:
+    fix = f"use a hub name, a local file or directory, or {OFFLINE_CORPUS_NAME}"
+    with reading("dataset", name, fix, problem="could not load it from the Hugging Face Hub"):
         return load_dataset(name, cfg.dataset_config, split=split, streaming=cfg.streaming)
-    except Exception as exc:  # the hub client raises many types for one cause: not loadable
-        first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-        raise ConfigError(
-            "dataset",
-            name,
-            f"could not load it from the Hugging Face Hub ({first}); use a hub name, a local "
-            f"file or directory, or {OFFLINE_CORPUS_NAME}",
-        ) from None
 
 
 def _first_row(dataset: AnyDataset) -> dict[str, Any] | None:

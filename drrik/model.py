@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from drrik.errors import ConfigError, require
+from drrik.errors import ConfigError, describe, reading, require
 from drrik.paths import cache_dir
 
 EMBEDDED_MODEL = "smollm2-135m"
@@ -159,16 +159,19 @@ def load_model(
     from transformer_lens.model_bridge import TransformerBridge
 
     source = resolve_model_source(model)
+    placement = {"n_devices": n_devices} if n_devices > 1 else {"device": str(device)}
+    if Path(source).is_dir():  # any failure here is a damaged directory, whatever it raises
+        fix = "check its config.json, weights and tokenizer files, or save it again"
+        with reading("model", model, fix, problem="cannot load this model directory"):
+            return TransformerBridge.boot_transformers(source, dtype=torch_type, **placement).eval()
     try:
-        placement = {"n_devices": n_devices} if n_devices > 1 else {"device": str(device)}
         bridge = TransformerBridge.boot_transformers(source, dtype=torch_type, **placement)
     except OSError as exc:  # transformers raises OSError for unknown or unreachable hub names
         raise ConfigError(
             "model",
             model,
-            "not a local path and not loadable from the Hugging Face Hub "
-            f"({str(exc).splitlines()[0][:120]}); use a hub name, a local directory, "
-            f"a .gguf file or {EMBEDDED_MODEL}",
+            f"not a local path and not loadable from the Hugging Face Hub ({describe(exc)}); "
+            f"use a hub name, a local directory, a .gguf file or {EMBEDDED_MODEL}",
         ) from None
     return bridge.eval()
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import base64
 import html
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from drrik.analysis import (
     analysis_config,
     analyze,
 )
-from drrik.errors import require
+from drrik.errors import check_device, require
 from drrik.run_dir import RunDir, write_text_atomic
 
 REPORT_DIR = "report"
@@ -170,7 +169,7 @@ holds the context's maximum. Hover a token for its activation.</p>
 
 
 def _summary_rows(saved: SavedSAE, results: AnalysisResults) -> list[tuple[str, Any]]:
-    cfg_json = json.loads((saved.sae_dir / "cfg.json").read_text())
+    cfg_json = saved.cfg_json
     meta = saved.metadata
     rows: list[tuple[str, Any]] = [
         ("model", meta.get("model_name", "")),
@@ -208,16 +207,17 @@ def write_report(
     (``analyze_kwargs`` go to it). ``wandb_run``, an initialized wandb run, also gets the plots.
     """
     saved = SavedSAE.locate(path, sae_name)
+    out_dir = Path(out) if out is not None else saved.output_dir(REPORT_DIR)
+    require(not out_dir.is_file(), "out", str(out_dir), "it is a file; name a directory")
+    require(n_features > 0, "n_features", n_features, "use a positive number")
+    saved.check_features(features or [], field="features")
     if saved.has_analysis():
         results = saved.load_analysis()
     else:
         print("no saved analysis: analysing first (drrik analyze sets its budget)")
         results = analyze(path, sae_name=sae_name, **(analyze_kwargs or {}))
-    out_dir = Path(out) if out is not None else saved.output_dir(REPORT_DIR)
     plot_dir = out_dir / "plots"
     chosen = list(features) if features is not None else select_features(results, n_features)
-    for f in chosen:
-        require(0 <= f < results.d_sae, "features", f, f"use ids in [0, {results.d_sae})")
 
     images: dict[str, Path] = {}
     metrics = RunDir(saved.run_dir).read_metrics() if saved.run_dir else []
@@ -298,6 +298,7 @@ def cmd_report(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, help="report directory (default: DIR/report)")
     add_analysis_arguments(parser)
     args = parser.parse_args(argv)
+    check_device(args.device)
     features = None
     if args.features:
         try:

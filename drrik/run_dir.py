@@ -16,11 +16,13 @@ from typing import Any
 import yaml
 
 from drrik.config import RunConfig
-from drrik.errors import ConfigError
+from drrik.errors import ConfigError, read_yaml, require
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 FINAL_DIR = "final"
+METRIC_NUMBERS = ("step", "tokens", "tokens_per_second")
+"""Keys of a metrics row that readers compute with, so must be numbers."""
 RESUMABLE_CHANGES = (
     "trainer.training_tokens",
     "trainer.log_every_steps",
@@ -65,6 +67,11 @@ def config_differences(
     ]
 
 
+def is_number(value: Any) -> bool:
+    """An int or float read from JSON or YAML (where ``true`` would pass as an int)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write a small file so that readers see either the old or the new content."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -85,13 +92,20 @@ class RunDir:
         self.final_path = self.path / FINAL_DIR
 
     def saved_config(self) -> dict[str, Any] | None:
+        """The saved config as a tree, None without one; a damaged one is a ConfigError."""
         if not self.config_path.is_file():
             return None
-        with open(self.config_path) as f:
-            return yaml.safe_load(f)
+        fix = "restore it from a copy, or start a new run with another --out"
+        tree = read_yaml(self.config_path, fix, field="file")
+        sections = isinstance(tree, dict) and all(
+            isinstance(v, dict) for k, v in tree.items() if k != "out"
+        )
+        require(sections, "file", str(self.config_path), f"not a mapping of sections; {fix}")
+        return tree
 
     def check_reusable(self, cfg: RunConfig) -> None:
         """Refuse a non-empty directory that is not a run of this same config."""
+        require(not self.path.is_file(), "out", str(self.path), "it is a file; name a directory")
         if not self.path.exists() or not any(self.path.iterdir()):
             return
         saved = self.saved_config()
@@ -132,6 +146,8 @@ class RunDir:
             write_text_atomic(self.metrics_path, text)
 
     def read_metrics(self) -> list[dict[str, Any]]:
+        """The logged rows. A torn last line (a kill mid-write, or a write in progress when
+        read from another process) is dropped; damage anywhere else is a ConfigError."""
         if not self.metrics_path.is_file():
             return []
         with open(self.metrics_path) as f:
@@ -139,12 +155,22 @@ class RunDir:
         rows = []
         for i, line in enumerate(lines):
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
-                if i < len(lines) - 1:
-                    raise
-                # A last line torn by a kill: its step comes after the newest checkpoint, so
-                # the resumed run logs it again.
+                if i == len(lines) - 1:
+                    # Its step comes after the newest checkpoint: a resumed run logs it again.
+                    continue
+                row = None
+            require(
+                isinstance(row, dict)
+                and "step" in row
+                and all(is_number(row.get(k, 0)) for k in METRIC_NUMBERS),
+                "file",
+                str(self.metrics_path),
+                f"line {i + 1} is not a metrics row with numbers for {', '.join(METRIC_NUMBERS)}; "
+                "delete that line or restore the file",
+            )
+            rows.append(row)
         return rows
 
 

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from drrik.errors import ConfigError, require
-from drrik.run_dir import RunDir, write_text_atomic
+from drrik.errors import ConfigError, read_json, require
+from drrik.run_dir import CONFIG_FILE, RunDir, is_number, write_text_atomic
 
 HEARTBEAT_FILE = "heartbeat.json"
 CHECKPOINTS_DIR = "checkpoints"
@@ -27,6 +27,12 @@ STATES = ("running", "stopped", "finished", "failed")
 MIN_STALE_S = 120.0
 STALE_LOG_INTERVALS = 10
 SUMMARY_KEYS = ("loss", "l0", "explained_variance", "dead_features")
+RUN_NUMBERS = (
+    ("trainer", "training_tokens"),
+    ("trainer", "log_every_steps"),
+    ("store", "train_batch_size_tokens"),
+)
+"""Config values status computes with (progress, staleness), so must be numbers."""
 
 
 def write_heartbeat(run_dir: str | Path, state: str) -> None:
@@ -36,27 +42,32 @@ def write_heartbeat(run_dir: str | Path, state: str) -> None:
     write_text_atomic(Path(run_dir) / HEARTBEAT_FILE, json.dumps(beat))
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    """A small JSON file, or None when it is missing or unreadable (status must not crash)."""
+def _read_manifest(path: Path) -> dict[str, Any] | None:
+    """A checkpoint manifest, or None when it is missing or unreadable: a checkpoint being
+    written has none yet, and a damaged one is skipped as resuming skips it."""
     try:
         value = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return value if isinstance(value, dict) else None
+    usable = isinstance(value, dict) and all(is_number(value.get(k, 0)) for k in ("step", "tokens"))
+    return value if usable else None
 
 
-def _read_rows(path: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl rows, skipping a line the trainer is writing or left cut by a crash."""
-    if not path.is_file():
-        return []
-    rows = []
-    with open(path) as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                continue
-    return rows
+def read_heartbeat(run_dir: Path) -> dict[str, Any] | None:
+    """The heartbeat, None before the first one; written atomically, so damage is not a write
+    in progress but a broken file, which is a ConfigError naming it."""
+    path = run_dir / HEARTBEAT_FILE
+    if not path.exists():
+        return None
+    fix = "the trainer rewrites it at every log; delete it if the run has ended"
+    beat = read_json(path, fix)
+    require(
+        beat.get("state") in STATES and is_number(beat.get("time")),
+        "file",
+        str(path),
+        f"it needs a state in {STATES} and a numeric time; {fix}",
+    )
+    return beat
 
 
 def latest_checkpoint(run_dir: str | Path) -> dict[str, Any] | None:
@@ -68,12 +79,12 @@ def latest_checkpoint(run_dir: str | Path) -> dict[str, Any] | None:
         return None
     pointer = root / LATEST_FILE
     name = pointer.read_text().strip() if pointer.is_file() else ""
-    manifest = _read_json(root / name / MANIFEST_FILE) if name else None
+    manifest = _read_manifest(root / name / MANIFEST_FILE) if name else None
     if manifest is None:  # no pointer yet, or it names a deleted checkpoint
         found = {
             d.name: m
             for d in root.iterdir()
-            if d.is_dir() and (m := _read_json(d / MANIFEST_FILE)) is not None
+            if d.is_dir() and (m := _read_manifest(d / MANIFEST_FILE)) is not None
         }
         if not found:
             return None
@@ -126,10 +137,13 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
     config = run.saved_config()
     if config is None:
         raise ConfigError("RUN_DIR", str(run.path), "it holds no drrik run (no config.yaml)")
+    for section, key in RUN_NUMBERS:
+        value = config.get(section, {}).get(key, 0)
+        require(is_number(value), f"{section}.{key}", value, f"expected a number in {CONFIG_FILE}")
     trainer, store = config.get("trainer", {}), config.get("store", {})
     total = trainer.get("training_tokens")
 
-    rows = _read_rows(run.metrics_path)
+    rows = run.read_metrics()
     last = rows[-1] if rows else {}
     tokens = int(last.get("tokens", 0))
     speed = last.get("tokens_per_second")
@@ -147,7 +161,7 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
         else 0.0
     )
     stale_after = max(MIN_STALE_S, STALE_LOG_INTERVALS * interval)
-    heartbeat = _read_json(run.path / HEARTBEAT_FILE)
+    heartbeat = read_heartbeat(run.path)
     alive, reason = liveness(heartbeat, stale_after)
     remaining = max(total - tokens, 0) if total else None
     return {

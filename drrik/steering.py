@@ -29,7 +29,7 @@ from torch import Tensor
 
 from drrik.analysis import AnalysisConfig, SavedSAE, analyze
 from drrik.data import SpecialTokens
-from drrik.errors import require
+from drrik.errors import check_device, reading, require
 from drrik.generation import Edit, generate_tokens
 from drrik.model import run_hooks
 from drrik.sae import SAE
@@ -78,6 +78,7 @@ class SAESteering:
         Without a saved analysis, a short one (:data:`CALIBRATION_TOKENS`, not saved) finds
         the features' max activations.
         """
+        check_device(device)
         saved = SavedSAE.locate(path, sae_name)
         lm = saved.load_model(model, device)
         if saved.has_analysis():
@@ -353,6 +354,25 @@ def cmd_steer(argv: list[str]) -> int:
         strengths,
         "give one --strength for all features or one per --feature",
     )
+    # Every argument is checked here, before the model loads (tens of seconds).
+    require(args.max_new_tokens > 0, "max_new_tokens", args.max_new_tokens, "use a positive number")
+    require(args.temperature >= 0, "temperature", args.temperature, "use a value >= 0 (0: greedy)")
+    top_p = args.top_p
+    require(top_p is None or 0 < top_p <= 1, "top_p", top_p, "use a fraction in (0, 1]")
+    values: list[float] = []
+    if args.compare:
+        fix = "give comma-separated numbers, e.g. 2,5,10"
+        with reading("compare", args.compare, fix, problem="not a list of strengths"):
+            values = [float(s) for s in args.compare.split(",") if s.strip()]
+        require(bool(values), "compare", args.compare, "give at least one strength")
+    require(
+        args.find or bool(args.feature),
+        "feature",
+        None,
+        "name at least one --feature (or use --find)",
+    )
+    check_device(args.device)
+    SavedSAE.locate(args.dir, args.sae).check_features(args.feature)
     steering = SAESteering.from_run(
         args.dir, model=args.model, device=args.device, sae_name=args.sae
     )
@@ -362,7 +382,6 @@ def cmd_steer(argv: list[str]) -> int:
             for row in steering.find_steering_features(prompt):
                 print(f"  {row}")
         return 0
-    require(bool(args.feature), "feature", None, "name at least one --feature (or use --find)")
     common = {
         "mode": args.mode,
         "units": args.units,
@@ -371,7 +390,6 @@ def cmd_steer(argv: list[str]) -> int:
         "seed": args.seed,
     }
     if args.compare:
-        values = [float(s) for s in args.compare.split(",") if s.strip()]
         for prompt in args.prompt:
             steering.compare_steering(prompt, args.feature[0], values, **common)
         return 0

@@ -132,6 +132,8 @@ class Trainer:
         self.logger: WandbLogger | None = None
         seed_everything(cfg.trainer.seed)
         self.device = self.dist.device(cfg.model.device)
+        # The dataset opens first: a bad one fails before the model's load.
+        dataset = dataset if dataset is not None else load_source(cfg.data)
         self.model = load_model(
             model if model is not None else cfg.model.model,
             device=self.device,
@@ -139,7 +141,6 @@ class Trainer:
             n_devices=cfg.model.model_n_devices,
         )
         self.hooks = cfg.model.hook_names
-        dataset = dataset if dataset is not None else load_source(cfg.data)
         self.n_shards = cfg.distributed.data_shards
         self.shards = self.dist.local_shards(self.n_shards)
         self.stores = [

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from drrik.errors import require
+from drrik.errors import read_json, reading, require
 from drrik.sae.base import ARCHITECTURES, SAE
 from drrik.sae.config import SAEConfig
 
@@ -120,26 +120,58 @@ def _config_from_saelens(cfg_json: dict[str, Any]) -> SAEConfig:
     )
 
 
+SAVED_SAE_FIX = "save the SAE again (drrik train) or copy an undamaged one"
+
+
+def read_sae_cfg(directory: str | Path) -> dict[str, Any]:
+    """A saved SAE's ``cfg.json``, checked to be an object with a ``metadata`` object."""
+    path = Path(directory) / CFG_FILENAME
+    cfg_json = read_json(path, SAVED_SAE_FIX)
+    metadata = cfg_json.setdefault("metadata", {})
+    require(
+        isinstance(metadata, dict), "file", str(path), f"its metadata is no object; {SAVED_SAE_FIX}"
+    )
+    return cfg_json
+
+
 def load_sae(directory: str | Path, device: torch.device | str | None = None) -> SAE:
     """Load a directory written by :func:`save_sae` (or a SAELens standard/topk/jumprelu/gated
     SAE) as the matching drrik class, in eval mode. Weights are read with safetensors only.
+
+    A damaged or truncated file ends in a one-line :class:`ConfigError` naming it.
     """
     path = Path(directory)
     require((path / CFG_FILENAME).is_file(), "directory", str(path), "expected a saved SAE dir")
-    with open(path / CFG_FILENAME) as f:
-        cfg_json = json.load(f)
-    drrik_block = cfg_json.get("drrik")
-    if drrik_block is not None:
-        cfg = SAEConfig.from_dict(drrik_block["config"])
-    else:
-        cfg = _config_from_saelens(cfg_json)
+    cfg_json = read_sae_cfg(path)
+    with reading("file", str(path / CFG_FILENAME), SAVED_SAE_FIX, "not a valid SAE config"):
+        drrik_block = cfg_json.get("drrik")
+        if drrik_block is not None:
+            cfg = SAEConfig.from_dict(drrik_block["config"])
+        else:
+            cfg = _config_from_saelens(cfg_json)
     sae = ARCHITECTURES[cfg.architecture](cfg, device=device)
-    tensors = load_file(str(path / WEIGHTS_FILENAME), device=str(sae.W_dec.device))
-    sae.load_saelens_tensors(tensors)
+    weights = path / WEIGHTS_FILENAME
+    require(weights.is_file(), "file", str(weights), f"missing; {SAVED_SAE_FIX}")
+    with reading("file", str(weights), SAVED_SAE_FIX):
+        tensors = load_file(str(weights), device=str(sae.W_dec.device))
+    for name in ("W_enc", "W_dec", "b_enc", "b_dec"):  # copy_ would broadcast a wrong shape
+        shape, own = tuple(tensors[name].shape) if name in tensors else None, getattr(sae, name)
+        require(
+            shape in (None, tuple(own.shape)),
+            "file",
+            str(weights),
+            f"{name} has shape {shape} where {CFG_FILENAME} implies {tuple(own.shape)}; "
+            + SAVED_SAE_FIX,
+        )
+    with reading("file", str(weights), SAVED_SAE_FIX, f"its tensors do not fit {CFG_FILENAME}"):
+        sae.load_saelens_tensors(tensors)
     return sae.eval()
 
 
 def load_sparsity(directory: str | Path) -> Tensor | None:
     """The saved log10 feature densities, or ``None`` when the directory has none."""
     path = Path(directory) / SPARSITY_FILENAME
-    return load_file(str(path))["sparsity"] if path.is_file() else None
+    if not path.is_file():
+        return None
+    with reading("file", str(path), SAVED_SAE_FIX):
+        return load_file(str(path))["sparsity"]
