@@ -1,8 +1,8 @@
 """Steer a language model's generation with SAE feature directions.
 
-A forward hook at the SAE's hook point changes the activation on every position while the
-model generates with its own KV-cached loop (``TransformerBridge.generate``), all under
-``torch.no_grad``:
+An edit at the SAE's hook point changes the activation on every position while the model
+generates (:mod:`drrik.generation`: Hugging Face's own KV-cached ``generate`` with a forward
+hook where the hook point sits, not the hooked model's ``generate``), under ``torch.no_grad``:
 
 - ``add`` mode adds ``strength * W_dec[f]`` for each steered feature ``f``: as if the feature
   fired with activation ``strength`` on top of what is there;
@@ -20,8 +20,7 @@ steer as well. With every strength 0 in ``add`` mode the output is exactly the u
 from __future__ import annotations
 
 import argparse
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from torch import Tensor
 from drrik.analysis import AnalysisConfig, SavedSAE, analyze
 from drrik.data import SpecialTokens
 from drrik.errors import require
+from drrik.generation import Edit, generate_tokens
 from drrik.model import run_hooks
 from drrik.sae import SAE
 
@@ -62,6 +62,7 @@ class SAESteering:
         self.tokenizer = model.tokenizer
         self.special = SpecialTokens.of(self.tokenizer)
         self.device = next(model.parameters()).device
+        self._pad = self.special.pad if self.special.pad is not None else self.special.eos or 0
 
     @classmethod
     def from_run(
@@ -96,8 +97,7 @@ class SAESteering:
             rows = [[self.special.bos, *r] for r in rows]
         require(all(rows), "prompt", "", "give a non-empty prompt")
         width = max(len(r) for r in rows)
-        pad = self.special.pad if self.special.pad is not None else self.special.eos or 0
-        tokens = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+        tokens = torch.tensor([[self._pad] * (width - len(r)) + r for r in rows])
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
         return tokens.to(self.device), mask.to(self.device)
 
@@ -129,33 +129,23 @@ class SAESteering:
             values = values * scale
         return ids, values
 
-    @contextlib.contextmanager
-    def _steered(
-        self, ids: Tensor, values: Tensor, mode: str, prompt_keep: Tensor
-    ) -> Iterator[None]:
-        """Hook the model so that every forward pass applies the steering.
+    def _edit(self, ids: Tensor, values: Tensor, mode: str) -> Edit:
+        """The change steering makes to an activation ``[batch, pos, d_in]``.
 
-        ``values [batch, n]``: one row per prompt. The first pass sees the whole prompt (then
-        one position per step, through the KV cache); special-token positions of the prompt
-        (``prompt_keep`` false) are left alone.
+        ``values [batch, n]``: one row per prompt. The SAE may sit on another device than the
+        model's layer (``--model-n-devices``): the clamp's encode runs on the SAE's device and
+        the change moves to the activation's.
         """
         directions = self.sae.W_dec[ids].float()  # [n, d_in]
-        calls = 0
+        sae_device = directions.device
 
-        def hook(act: Tensor, hook: Any) -> Tensor:
-            nonlocal calls
+        def edit(act: Tensor) -> Tensor:
             coef = values[:, None, :]  # [batch, 1, n]
             if mode == "clamp":
-                current = self.sae.encode(act)[..., ids].float()
-                coef = coef - current
-            delta = coef.to(act.device) @ directions.to(act.device)  # [batch, pos|1, d_in]
-            if calls == 0:
-                delta = delta * prompt_keep[:, :, None].to(delta)
-            calls += 1
-            return act + delta.to(act.dtype)
+                coef = coef - self.sae.encode(act.to(sae_device))[..., ids].float()
+            return (coef @ directions).to(act.device)  # [batch, pos|1, d_in]
 
-        with self.model.hooks(fwd_hooks=[(self.hook, hook)]):
-            yield
+        return edit
 
     # -- generation --------------------------------------------------------------------------
     @torch.no_grad()
@@ -184,27 +174,29 @@ class SAESteering:
         require(max_new_tokens > 0, "max_new_tokens", max_new_tokens, "use a positive number")
         tokens, mask = self._encode(prompts)
         values = torch.as_tensor(strengths, dtype=torch.float32).expand(len(prompts), len(features))
-        steering = contextlib.nullcontext()
+        edit, keep = None, None
         if features:
             ids, absolute = self._coefficients(features, values, units)
+            edit = self._edit(ids, absolute, mode)
             keep = mask.bool() & ~torch.isin(tokens, torch.tensor(self.special.ids()).to(tokens))
-            steering = self._steered(ids, absolute, mode, keep)
-        sampling = {"do_sample": temperature > 0}
-        if temperature > 0:
-            sampling.update(temperature=temperature, top_p=top_p)
         rng = torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
-        with rng, steering:
+        with rng:
             if seed is not None:
                 torch.manual_seed(seed)
-            out = self.model.generate(
+            out = generate_tokens(
+                self.model,
                 tokens,
-                attention_mask=mask,
-                max_new_tokens=max_new_tokens,
-                verbose=False,
-                return_type="tokens",
-                **sampling,
+                mask,
+                max_new_tokens,
+                hook=self.hook,
+                edit=edit,
+                prompt_mask=keep,
+                temperature=temperature,
+                top_p=top_p,
+                eos_token_id=self.special.eos,
+                pad_token_id=self._pad,
             )
-        return self.tokenizer.batch_decode(out[:, tokens.shape[1] :], skip_special_tokens=True)
+        return self.tokenizer.batch_decode(out, skip_special_tokens=True)
 
     def generate(
         self,

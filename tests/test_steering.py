@@ -60,11 +60,15 @@ def test_clamp_mode_sets_the_activation(tiny_model):
         sae.b_dec.zero_()
     steering = SAESteering(tiny_model, sae.eval(), HOOK)
     seen: list[torch.Tensor] = []
-    capture = [("blocks.2.hook_resid_pre", lambda act, hook: seen.append(act.clone()))]
-    with tiny_model.hooks(fwd_hooks=capture):
+    # layer 2's input (hook_resid_pre) in the HF modules that generation runs
+    layer = tiny_model.blocks[2].original_component
+    handle = layer.register_forward_pre_hook(lambda _, args: seen.append(args[0].clone()))
+    try:
         steering.generate(
             PROMPTS[0], [2, 5], [1.5, 0.0], mode="clamp", units="absolute", max_new_tokens=3
         )
+    finally:
+        handle.remove()
     assert [s.shape[1] for s in seen] == [6, 1, 1]  # prompt, then one KV-cached step each
     feats = sae.encode(torch.cat([seen[0][0, 1:], *[s[0] for s in seen[1:]]])).detach()
     torch.testing.assert_close(feats[:, 2], torch.full_like(feats[:, 2], 1.5), atol=1e-4, rtol=0)

@@ -1,9 +1,10 @@
 """Tutorial 3: steer the model's generation with an SAE feature.
 
 Steering adds a feature's decoder direction to the model's activations at the SAE's hook on
-every position while the model generates (with its KV cache). The strength is in units of the
-feature's largest activation seen in the analysis (tutorial 2): 5 means "five times as strongly
-as it ever fired". Clamp mode sets the feature's activation to the strength instead.
+every position while the model generates (Hugging Face's own KV-cached ``generate``). The
+strength is in units of the feature's largest activation seen in the analysis (tutorial 2):
+5 means "five times as strongly as it ever fired". Clamp mode sets the feature's activation
+to the strength instead.
 
 We pick the feature that is most active on a piece of text, then compare greedy completions of
 an unrelated prompt at increasing strengths: the baseline (strength 0) is the model's own.
