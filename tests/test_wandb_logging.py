@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -127,7 +128,7 @@ def test_offline_run_records_metrics_and_resumes_the_same_run(wandb_home: Path) 
     (run_record,) = [r.run for r in recs if r.HasField("run")]
     assert run_record.display_name == "first" and run_record.project == "drrik"
     config_items = {i.key: i.value_json for i in run_record.config.update}
-    assert config_items["sae"] == '{"k":16}'
+    assert json.loads(config_items["sae"]) == {"k": 16}
     (artifact,) = [r.artifact for r in recs if r.HasField("artifact")]
     assert artifact.name == "blocks.6.hook_resid_post__k-16" and artifact.type == "model"
 

@@ -23,6 +23,8 @@ FULL, LAST = 1, 4
 
 def records(path: Path) -> Iterator[wandb_internal_pb2.Record]:
     data = path.read_bytes()
+    if len(data) < HEADER:  # not written yet: the service may flush after finish() returns
+        return
     assert data[:4] == b":W&B", f"{path} is not a wandb data file"
     pos, payload = HEADER, b""
     while pos + HEADER <= len(data):
