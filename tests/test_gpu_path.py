@@ -22,6 +22,9 @@ from datasets import Dataset
 from standins import (
     CheckedDistributed,
     HostTensors,
+    SpreadModel,
+    VirtualDevices,
+    place,
 )
 from test_trainer import BATCH, HOOK
 from test_trainer import run_config as trainer_run_config
@@ -31,7 +34,8 @@ import drrik.rng
 from drrik.config import RunConfig
 from drrik.distributed import Distributed
 from drrik.errors import ConfigError
-from drrik.sae import SAEConfig
+from drrik.evaluate import EvalTarget, evaluate
+from drrik.sae import SAEConfig, build_sae
 from drrik.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -113,6 +117,114 @@ def test_rank_zero_work_is_waited_for_outside_the_training_group(job: _Job) -> N
 def test_the_training_step_makes_no_tensor_from_python_data(job: _Job) -> None:
     """Item 8: a tensor made from a Python number is a host-to-device copy that waits."""
     assert [made for made in job.from_python_in_steps if made.startswith("drrik")] == []
+
+
+# -- evaluation with the model spread over GPUs (item 2) -------------------------------------
+
+
+def test_evaluation_with_the_model_spread_over_gpus(tiny_model: Any) -> None:
+    tokens = torch.randint(100, 5000, (2, 12), generator=torch.Generator().manual_seed(0))
+    tokens[:, 0] = tiny_model.tokenizer.bos_token_id
+    exclude = torch.tensor([tiny_model.tokenizer.bos_token_id])
+    torch.manual_seed(0)
+    sae = build_sae(SAEConfig(architecture="topk", k=4, d_in=64, d_sae=96)).eval()
+    expected, _ = evaluate(tiny_model, [EvalTarget("s", HOOK, sae, 2.0)], [tokens], exclude)
+    mode = VirtualDevices()
+    for tensor in [*sae.parameters(), *sae.buffers()]:
+        place(tensor, torch.device("cuda", 3))
+    try:
+        with mode:
+            spread = SpreadModel(tiny_model, mode)
+            got, densities = evaluate(spread, [EvalTarget("s", HOOK, sae, 2.0)], [tokens], exclude)
+    finally:
+        for tensor in [*sae.parameters(), *sae.buffers()]:
+            place(tensor, None)
+    assert got["s"] == pytest.approx(expected["s"], rel=1e-5)
+    assert densities["s"].shape == (96,)
+
+
+def test_the_device_stand_in_catches_a_mismatch(tiny_model: Any) -> None:
+    """The stand-in raises where CUDA would: an index on one GPU into a tensor on another."""
+    with VirtualDevices():
+        a = torch.ones(3).to("cuda:0")
+        mask = torch.tensor([True, False, True]).to("cuda:1")
+        with pytest.raises(RuntimeError, match="cuda:0 and cuda:1"):
+            a[mask]
+        assert a.device == torch.device("cuda", 0)
+        assert a[mask.to(a.device)].shape == (2,) and a[mask.cpu()].shape == (2,)
+
+
+# -- evaluation memory with a 128k vocabulary (item 6) ---------------------------------------
+
+VOCAB = 131072
+EVAL_BATCH, EVAL_CTX = 8, 32
+
+
+@pytest.fixture(scope="module")
+def big_vocab_dir(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 1-layer, 64-wide random Llama with a 128k vocabulary and an untied head."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("big-vocab")
+    LlamaForCausalLM(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(out)
+    return out
+
+
+_PEAK_SCRIPT = """
+import resource, sys, torch
+from drrik.evaluate import EvalTarget, evaluate
+from drrik.model import load_model
+from drrik.sae import SAEConfig, build_sae
+torch.set_num_threads(1)
+model = load_model(sys.argv[1])
+sae = build_sae(SAEConfig(architecture="relu", d_in=64, d_sae=128)).eval()
+g = torch.Generator().manual_seed(0)
+def batch(n, ctx):
+    tokens = torch.randint(100, 40000, (n, ctx), generator=g)
+    tokens[:, 0] = 1
+    return tokens
+targets = [EvalTarget("a", "blocks.0.hook_resid_post", sae)]
+evaluate(model, targets, [batch(1, 8)], torch.tensor([1]))  # warm-up
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+base, peak_before = rss(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+evaluate(model, targets, [batch({batch_size}, {ctx})], torch.tensor([1]))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(max(peak, peak_before) - base if peak > peak_before else -1)
+"""
+
+
+def test_eval_peak_memory_stays_near_two_logits_with_a_128k_vocabulary(
+    big_vocab_dir: Path,
+) -> None:
+    """Item 6: before, a batch held the logits and four or more float32 copies of them."""
+    script = _PEAK_SCRIPT.format(batch_size=EVAL_BATCH, ctx=EVAL_CTX)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(big_vocab_dir)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    growth = int(done.stdout.split()[-1])
+    logits = EVAL_BATCH * EVAL_CTX * VOCAB * 4
+    assert growth > 0, "the evaluation did not raise the process's peak memory"
+    assert growth < 3 * logits, f"peak grew by {growth / logits:.1f}x one batch's logits"
 
 
 # -- configuration refused or resolved (items 7, 13a-d) --------------------------------------
