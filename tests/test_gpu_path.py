@@ -154,6 +154,29 @@ def test_the_device_stand_in_catches_a_mismatch(tiny_model: Any) -> None:
         assert a[mask.to(a.device)].shape == (2,) and a[mask.cpu()].shape == (2,)
 
 
+# -- resume with fewer GPUs (item 3) ---------------------------------------------------------
+
+
+def test_rng_state_restores_with_fewer_gpus_than_saved(monkeypatch: pytest.MonkeyPatch) -> None:
+    restored: dict[int, torch.Tensor] = {}
+
+    def set_rng_state(state: torch.Tensor, device: int | str = "cuda") -> None:
+        index = device if isinstance(device, int) else torch.device(device).index or 0
+        if index >= 1:
+            raise RuntimeError("CUDA error: invalid device ordinal")
+        restored[index] = state
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_rng_state)
+    monkeypatch.setattr(torch.cuda.random, "set_rng_state", set_rng_state)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [])
+    state = drrik.rng.rng_state()
+    saved = [torch.full((16,), i, dtype=torch.uint8) for i in range(4)]  # saved with 4 GPUs
+    drrik.rng.set_rng_state({**state, "cuda": saved})
+    assert list(restored) == [0] and torch.equal(restored[0], saved[0])
+
+
 # -- evaluation memory with a 128k vocabulary (item 6) ---------------------------------------
 
 VOCAB = 131072
