@@ -21,6 +21,7 @@ import torch
 from datasets import Dataset
 from standins import (
     CheckedDistributed,
+    CudaAutocastPolicy,
     HostTensors,
     SpreadModel,
     VirtualDevices,
@@ -392,3 +393,25 @@ def test_dead_feature_losses_run_only_when_a_feature_can_be_dead(
             assert not was_passed or mask.dtype == torch.bool
     else:
         assert not any(passed)
+
+
+# -- bf16 autocast keeps batch x d_sae tensors in bf16 (item 10) -----------------------------
+
+D_SAE = 512
+
+
+@pytest.mark.parametrize("arch", ["relu", "relu-ghost", "gated", "jumprelu", "topk", "batchtopk"])
+def test_no_batch_by_features_tensor_would_be_upcast_by_cuda_autocast(arch: str) -> None:
+    name, _, ghost = arch.partition("-")
+    cfg = SAEConfig(architecture=name, d_in=64, d_sae=D_SAE, k=16, use_ghost_grads=bool(ghost))
+    torch.manual_seed(0)
+    sae = build_sae(cfg).train()
+    sae.sparse_training = False  # the GPU's dense path
+    x = torch.randn(48, 64)  # a batch unlike d_in, so no weight has a batch's shape
+    dead = torch.arange(D_SAE) % 3 == 0
+    policy = CudaAutocastPolicy(shape=(48, D_SAE))
+    with policy, torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sae.training_forward(x, 1.0, dead)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert policy.upcast == []
