@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,8 @@ from standins import (
     SpreadModel,
     VirtualDevices,
     place,
+    tensors_in,
+    vdev,
 )
 from test_trainer import BATCH, HOOK
 from test_trainer import run_config as trainer_run_config
@@ -36,7 +39,9 @@ from drrik.config import RunConfig
 from drrik.distributed import Distributed
 from drrik.errors import ConfigError
 from drrik.evaluate import EvalTarget, evaluate
+from drrik.mixing_buffer import MixingBuffer
 from drrik.sae import SAEConfig, build_sae
+from drrik.store import ActivationsStore
 from drrik.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -415,3 +420,95 @@ def test_no_batch_by_features_tensor_would_be_upcast_by_cuda_autocast(arch: str)
     out.loss.backward()
     assert torch.isfinite(out.loss)
     assert policy.upcast == []
+
+
+# -- the mixing buffer on a GPU, and feeding one from the CPU (items 11, 12) -----------------
+
+
+def _filled_buffer(pin_memory: bool = False) -> MixingBuffer:
+    buffer = MixingBuffer(
+        256,
+        {"h": 8},
+        dtype=torch.float32,
+        device="cpu",
+        mix_fraction=0.5,
+        batch_size=32,
+        seed=0,
+        pin_memory=pin_memory,
+    )
+    buffer.add({"h": torch.arange(256 * 8.0).view(256, 8)}, torch.arange(256))
+    return buffer
+
+
+class _NewOnDevice(VirtualDevices):
+    """Lists ops that allocate at least ``numel`` elements on a pretend GPU (not views)."""
+
+    def __init__(self, numel: int) -> None:
+        super().__init__()
+        self.numel, self.allocated = numel, []
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple = (), kwargs: Any = None
+    ) -> Any:
+        out = super().__torch_function__(func, types, args, kwargs)
+        inputs = {t.untyped_storage().data_ptr() for t in tensors_in((args, kwargs))}
+        for tensor in tensors_in(out):
+            new = tensor.untyped_storage().data_ptr() not in inputs
+            if new and vdev(tensor) is not None and tensor.numel() >= self.numel:
+                self.allocated.append(getattr(func, "__name__", str(func)))
+        return out
+
+
+def test_shuffle_and_state_dict_allocate_no_buffer_copy_on_the_device() -> None:
+    """Item 12: the shuffle's permuted copy and state_dict's clone sat on the GPU, next to the
+    buffer (2-3x its memory reserved)."""
+    buffer = _filled_buffer()
+    served = []
+    mode = _NewOnDevice(numel=256 * 8 // 2)
+    with mode:
+        gpu = torch.device("cuda", 0)
+        for tensor in (*buffer.acts.values(), buffer.tokens, buffer.order):
+            place(tensor, gpu)
+        buffer.shuffle()
+        state = buffer.state_dict()
+        while buffer.batches_ready():
+            served.append(buffer.next_batch()[1].cpu())
+    assert mode.allocated == []
+    assert state["tokens"].device == torch.device("cpu") and state["tokens"].shape == (256,)
+    # the same rows as ever: the logical order is the permutation drawn from the seed
+    perm = torch.randperm(256, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(torch.cat(served), perm[128:])
+    assert torch.equal(state["tokens"], perm)
+
+
+def test_a_cpu_buffer_feeding_a_gpu_is_pinned(
+    tiny_model: Any, docs: Dataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Item 11: an unpinned buffer (and an unpinned copy of each batch) made non_blocking
+    copies to the GPU synchronous. Pinning needs CUDA, so the allocations are recorded."""
+    pinned: list[bool] = []
+    empty = torch.empty
+
+    def recording_empty(*args: Any, pin_memory: bool = False, **kwargs: Any) -> torch.Tensor:
+        if pin_memory:
+            pinned.append(pin_memory)
+        return empty(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", recording_empty)  # only pinned calls are counted
+    cfg = run_config(Path("unused"), Path("unused"))
+    cfg.store.act_store_device = "cpu"
+    store = ActivationsStore(
+        tiny_model, [HOOK], cfg.data, cfg.store, dataset=docs, device="cuda:0", verbose=False
+    )
+    assert store.buffer.pin_memory and pinned == [True, True]  # activations, token ids
+    pinned.clear()
+    buffer = _filled_buffer(pin_memory=True)
+    buffer.shuffle()
+    pinned.clear()
+    buffer.next_batch()
+    assert pinned == [True, True]  # the batch is gathered into pinned memory
+    on_gpu = ActivationsStore(
+        tiny_model, [HOOK], cfg.data, replace(cfg.store, act_store_device="sae"),
+        dataset=docs, device="cpu", verbose=False,
+    )  # fmt: skip
+    assert not on_gpu.buffer.pin_memory and pinned == [True, True]
