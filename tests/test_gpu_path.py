@@ -512,3 +512,34 @@ def test_a_cpu_buffer_feeding_a_gpu_is_pinned(
         dataset=docs, device="cpu", verbose=False,
     )  # fmt: skip
     assert not on_gpu.buffer.pin_memory and pinned == [True, True]
+
+
+# -- torch.compile over a sweep (item 13f) ---------------------------------------------------
+
+
+def test_a_compiled_sweep_with_a_warm_up_coefficient_stays_compiled() -> None:
+    """Item 13f, a guard: on torch 2.13 a float coefficient that changes every warm-up step
+    does not recompile per value, and 10 SAEs sharing training_forward's code stay under
+    dynamo's recompile limit (8) instead of falling back to eager."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    compiled, ran = [], []
+
+    def backend(graph: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> Any:
+        compiled.append(graph)
+
+        def run(*args: Any) -> Any:
+            ran.append(1)
+            return graph.forward(*args)
+
+        return run
+
+    saes = [build_sae(SAEConfig(architecture="relu", d_in=16, d_sae=32)) for _ in range(10)]
+    forwards = [torch.compile(s.training_forward, backend=backend) for s in saes]
+    x = torch.randn(8, 16)
+    for step in range(5):
+        for forward in forwards:
+            forward(x, 5.0 * (step + 1) / 5, None)
+    assert len(ran) == 50, "some calls ran eagerly (recompile limit hit)"
+    assert len(compiled) <= 2
