@@ -359,6 +359,15 @@ class RunConfig(Serializable):
         self.store.check_fits(self.data.context_size)
         for setting in parse_sweep(self.trainer.sweep):
             self.sae_configs_for(setting)  # each swept SAE config must validate too
+        # Training keeps no fp32 master weights and no loss scaler: fp16 gradients underflow
+        # and Adam's eps (1e-8) rounds to 0 in fp16, so the first tiny second moment gives NaN.
+        require(
+            self.sae.dtype != "float16",
+            "dtype",
+            self.sae.dtype,
+            "SAE parameters cannot train in float16; use float32 (add --autocast for bf16 "
+            "compute) or bfloat16",
+        )
 
     def sae_configs_for(self, setting: dict[str, str]) -> SAEConfig:
         """The SAE config with one sweep setting applied (and validated)."""

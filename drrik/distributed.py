@@ -4,6 +4,12 @@ Each rank streams its own data shards through its own copy of the model; SAE gra
 averaged across ranks with one all-reduce per SAE and step (the collective DDP would run), so
 every rank holds the same SAE. Only rank 0 writes files. Collectives have a configured timeout,
 so a dead or hung rank stops the job in bounded time instead of hanging it forever.
+
+Two process groups: the training group (NCCL on GPUs, gloo on CPU) carries the per-step
+collectives, and NCCL takes tensors on the rank's GPU only, so every collective here checks
+placement first and names the culprit. A second, gloo group with a long timeout carries what is
+not per-step: the waits while rank 0 alone evaluates, plots, saves or uploads (NCCL's watchdog
+would abort ranks idling in an NCCL barrier for that long) and the small checkpoint metadata.
 """
 
 from __future__ import annotations
@@ -17,7 +23,10 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from drrik.errors import require
+from drrik.errors import ConfigError, require
+
+MAIN_WORK_TIMEOUT = timedelta(days=1)
+"""How long other ranks wait while rank 0 alone evaluates, saves or uploads."""
 
 
 @dataclass
@@ -27,6 +36,10 @@ class Distributed:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    collective_device: torch.device | None = None
+    """The training group's device: every tensor handed to a collective must be on it."""
+    wait_group: Any = None
+    """The gloo group (long timeout) for waits on rank 0 and checkpoint metadata."""
 
     @property
     def is_main(self) -> bool:
@@ -43,19 +56,33 @@ class Distributed:
         if world_size == 1:
             return cls()
         rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        placed = cls(rank, world_size, local_rank)
+        on_gpu = device.startswith("cuda")
+        collective_device = placed.device(device)  # refuses cuda:N before anything starts
         if not dist.is_initialized():
-            on_gpu = device.startswith("cuda")
             if on_gpu:
                 torch.cuda.set_device(local_rank)
             dist.init_process_group(
                 backend="nccl" if on_gpu else "gloo",
                 timeout=timedelta(minutes=timeout_minutes),
             )
-        return cls(rank, world_size, local_rank)
+        timeout = max(MAIN_WORK_TIMEOUT, timedelta(minutes=timeout_minutes))
+        wait_group = dist.new_group(backend="gloo", timeout=timeout)
+        return cls(rank, world_size, local_rank, collective_device, wait_group)
 
     def device(self, configured: str) -> torch.device:
-        """Under torchrun each rank takes its own GPU: cuda becomes cuda:LOCAL_RANK."""
-        if self.enabled and configured == "cuda":
+        """Under torchrun each rank takes its own GPU: cuda becomes cuda:LOCAL_RANK.
+
+        An explicit ``cuda:N`` is refused there: it would put every rank on the same GPU.
+        """
+        if self.enabled and configured.startswith("cuda"):
+            if configured != "cuda":
+                raise ConfigError(
+                    "device",
+                    configured,
+                    "under torchrun each rank takes cuda:LOCAL_RANK; pass --device cuda "
+                    "(CUDA_VISIBLE_DEVICES chooses the GPUs)",
+                )
             return torch.device("cuda", self.local_rank)
         return torch.device(configured)
 
@@ -71,11 +98,22 @@ class Distributed:
         return list(range(self.rank * per_rank, (self.rank + 1) * per_rank))
 
     # -- collectives (identity in one process) -----------------------------------------------
+    def check_placement(self, tensors: list[torch.Tensor]) -> None:
+        """NCCL's rule, checked for every backend: collectives take tensors on the group's
+        device only (a CPU tensor in an NCCL collective kills the job at its first step)."""
+        for tensor in tensors:
+            if self.collective_device is not None and tensor.device != self.collective_device:
+                raise RuntimeError(
+                    f"a {tuple(tensor.shape)} tensor on {tensor.device} was handed to a "
+                    f"collective of a group on {self.collective_device}"
+                )
+
     def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
         """Average gradients over ranks in one flat all-reduce."""
         grads = [p.grad for p in params if p.grad is not None]
         if not self.enabled or not grads:
             return
+        self.check_placement(grads)
         flat = _flatten_dense_tensors(grads)
         dist.all_reduce(flat)
         flat.div_(self.world_size)
@@ -84,32 +122,38 @@ class Distributed:
 
     def average_(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.enabled:
+            self.check_placement([tensor])
             dist.all_reduce(tensor)
             tensor.div_(self.world_size)
         return tensor
 
     def max_(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.enabled:
+            self.check_placement([tensor])
             dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return tensor
 
     def broadcast_(self, tensors: list[torch.Tensor]) -> None:
         """Make every rank's tensors equal to rank 0's."""
         if self.enabled:
+            self.check_placement(tensors)
             for tensor in tensors:
                 dist.broadcast(tensor, src=0)
 
     def gather(self, obj: Any) -> list[Any] | None:
-        """Every rank's ``obj`` on rank 0 (in rank order); None elsewhere."""
+        """Every rank's small ``obj`` (names, checksums) on rank 0, in rank order; None
+        elsewhere. Pickled through the gloo group on the host, never through GPU memory."""
         if not self.enabled:
             return [obj]
         gathered: list[Any] | None = [None] * self.world_size if self.is_main else None
-        dist.gather_object(obj, gathered, dst=0)
+        dist.gather_object(obj, gathered, dst=0, group=self.wait_group)
         return gathered
 
-    def barrier(self) -> None:
+    def wait_for_main(self) -> None:
+        """Wait until every rank, rank 0 included, gets here, on the long-timeout gloo group:
+        rank 0's evaluations and saves may outlast the training group's timeout."""
         if self.enabled:
-            dist.barrier()
+            dist.barrier(group=self.wait_group)
 
     def close(self) -> None:
         if self.enabled and dist.is_initialized():

@@ -104,10 +104,42 @@ class _Sums:
         self.fires = counts if self.fires is None else self.fires + counts
 
 
-def _next_token_ce(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Per-position cross-entropy of predicting token t+1, ``[batch, ctx-1]``."""
-    logp = logits[:, :-1].float().log_softmax(-1)
-    return -logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)
+def _clean_log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probabilities ``[batch, ctx-1, vocab]`` in float32, one context at a
+    time: computed once per batch and reused by the clean loss and every SAE's KL."""
+    out = torch.empty(
+        (logits.shape[0], logits.shape[1] - 1, logits.shape[2]),
+        dtype=torch.float32,
+        device=logits.device,
+    )
+    for row in range(logits.shape[0]):
+        out[row] = logits[row, :-1].float().log_softmax(-1)
+    return out
+
+
+def _nll(log_probs: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
+    """Summed negative log-likelihood of ``next_tokens`` (on any device)."""
+    return -log_probs.gather(-1, next_tokens.to(log_probs.device)[..., None]).sum()
+
+
+def _ce_and_kl(
+    logits: torch.Tensor, next_tokens: torch.Tensor, clean_log_probs: torch.Tensor | None
+) -> tuple[float, float]:
+    """Summed next-token cross-entropy of ``logits``, and KL(clean || these) when given.
+
+    One context at a time: the float32 log-softmax of a whole ``[batch, ctx, vocab]`` batch is
+    gigabytes with a large vocabulary (16 x 1024 x 128k is 8 GiB per copy).
+    """
+    ce = torch.zeros((), device=logits.device)
+    kl = torch.zeros((), device=logits.device)
+    for row in range(logits.shape[0]):
+        log_probs = logits[row, :-1].float().log_softmax(-1)
+        ce += _nll(log_probs, next_tokens[row])
+        if clean_log_probs is not None:
+            # sum p (log p - log q) as one dot product: two row-sized temporaries, not four.
+            clean = clean_log_probs[row].to(log_probs.device).flatten()
+            kl += clean.exp().dot(clean - log_probs.flatten())
+    return float(ce), float(kl)
 
 
 def _replace(new: torch.Tensor) -> Any:
@@ -123,7 +155,12 @@ def evaluate(
     exclude_ids: torch.Tensor,
     dense_threshold: float = 0.1,
 ) -> tuple[dict[str, dict[str, float]], dict[str, torch.Tensor]]:
-    """Metrics per SAE name, and each SAE's feature density, over batches of ``contexts``."""
+    """Metrics per SAE name, and each SAE's feature density, over batches of ``contexts``.
+
+    Every tensor goes where it is used: with the model spread over GPUs
+    (``--model-n-devices``), a hook's activations sit on its layer's GPU, the logits on the
+    last one and each SAE on its own device.
+    """
     device = next(model.parameters()).device
     sums = {t.name: _Sums(t.sae.d_sae) for t in targets}
     hooks = sorted({t.hook for t in targets})
@@ -131,28 +168,34 @@ def evaluate(
     for tokens in contexts:
         tokens = tokens.to(device)
         keep = ~torch.isin(tokens, exclude_ids.to(device))
+        next_tokens = tokens[:, 1:]
         logits, cache = model.run_with_cache(tokens, names_filter=hooks, return_cache_object=False)
-        ce = _next_token_ce(logits, tokens)
-        ce_clean += float(ce.sum())
-        positions += ce.numel()
-        clean_logp = logits[:, :-1].float().log_softmax(-1)
+        clean_log_probs = _clean_log_probs(logits)
         del logits
+        ce_clean += float(_nll(clean_log_probs, next_tokens))
+        positions += next_tokens.numel()
         for target in targets:
             acts = cache[target.hook]
-            feats, x_hat = target.reconstruct(acts[keep])
+            sae_device = next(target.sae.parameters()).device
+            kept = keep.to(acts.device)
+            x = acts[kept].to(sae_device)
+            feats, x_hat = target.reconstruct(x)
             s = sums[target.name]
-            s.add(acts[keep], feats, x_hat)
+            s.add(x, feats, x_hat)
             spliced = acts.clone()
-            spliced[keep] = x_hat.to(acts.dtype)
-            ablated = acts.clone()
-            ablated[keep] = 0
+            spliced[kept] = x_hat.to(acts.device, acts.dtype)
+            del feats, x_hat
             sae_logits = model.run_with_hooks(tokens, fwd_hooks=[(target.hook, _replace(spliced))])
-            s.ce_sae += float(_next_token_ce(sae_logits, tokens).sum())
-            sae_logp = sae_logits[:, :-1].float().log_softmax(-1)
-            s.kl += float((clean_logp.exp() * (clean_logp - sae_logp)).sum())
-            del sae_logits, sae_logp
+            del spliced
+            ce, kl = _ce_and_kl(sae_logits, next_tokens, clean_log_probs)
+            s.ce_sae += ce
+            s.kl += kl
+            del sae_logits
+            ablated = acts.clone()
+            ablated[kept] = 0
             abl_logits = model.run_with_hooks(tokens, fwd_hooks=[(target.hook, _replace(ablated))])
-            s.ce_ablated += float(_next_token_ce(abl_logits, tokens).sum())
+            del ablated
+            s.ce_ablated += _ce_and_kl(abl_logits, next_tokens, None)[0]
             del abl_logits
     return _finish(sums, ce_clean, positions, dense_threshold)
 

@@ -4,6 +4,12 @@ On each refill the whole buffer is permuted once; a ``mix_fraction`` of the rows
 mix with the next refill, the rest is served batch by batch. The retained share decays
 geometrically, which decorrelates batches from the order of the text. Token ids travel with
 their activations, and several hooks share one permutation so their rows stay aligned.
+
+The rows never move: a permutation of row indices (``order``) says which physical row holds
+each logical one, so a shuffle permutes ``capacity`` integers instead of copying the buffer
+(a copy would keep a second buffer's worth of device memory reserved), and a refill writes
+into the rows served last. A buffer on the CPU that feeds a GPU is pinned, and its batches are
+gathered into pinned memory, so their copies to the GPU overlap with compute.
 """
 
 from __future__ import annotations
@@ -26,14 +32,19 @@ class MixingBuffer:
         mix_fraction: float,
         batch_size: int,
         seed: int,
+        pin_memory: bool = False,
     ) -> None:
         self.capacity, self.mix_fraction, self.batch_size = capacity, mix_fraction, batch_size
+        self.pin_memory = pin_memory
         self.acts = {
-            h: torch.empty(capacity, d, dtype=dtype, device=device) for h, d in widths.items()
+            h: torch.empty(capacity, d, dtype=dtype, device=device, pin_memory=pin_memory)
+            for h, d in widths.items()
         }
-        self.tokens = torch.empty(capacity, dtype=torch.long, device=device)
+        self.tokens = torch.empty(capacity, dtype=torch.long, device=device, pin_memory=pin_memory)
+        self.order = torch.arange(capacity, device=device)
+        """Physical row of each logical row: rows order[:size] hold data, in logical order."""
         self.size = 0
-        # While serving, rows [kept, size) are shuffled and wait to be served from cursor on.
+        # While serving, logical rows [kept, size) are shuffled and served from cursor on.
         self.serving = False
         self.kept = self.cursor = 0
         self.generator = torch.Generator().manual_seed(seed)
@@ -49,11 +60,12 @@ class MixingBuffer:
     def add(self, acts: dict[str, torch.Tensor], tokens: torch.Tensor) -> int:
         """Append as many rows as fit; return how many were taken."""
         n = min(self.free(), tokens.shape[0])
-        end = self.size + n
+        rows = self.order[self.size : self.size + n]
         for hook, dest in self.acts.items():
-            dest[self.size : end].copy_(acts[hook][:n], non_blocking=True)
-        self.tokens[self.size : end].copy_(tokens[:n], non_blocking=True)
-        self.size = end
+            source = acts[hook][:n].to(dest.device, dest.dtype, non_blocking=True)
+            dest.index_copy_(0, rows, source)
+        self.tokens.index_copy_(0, rows, tokens[:n].to(self.tokens.device, torch.long))
+        self.size += n
         return n
 
     def batches_ready(self) -> int:
@@ -61,34 +73,50 @@ class MixingBuffer:
         return (self.size - self.cursor) // self.batch_size if self.serving else 0
 
     def shuffle(self) -> None:
-        """Permute the buffer: the retained fraction moves to the front, the rest is served.
+        """Permute the buffer: the retained fraction comes first, the rest is served in order.
 
-        Served rows sit after the kept ones in shuffled order, so serving reads contiguous
-        slices and the next refill overwrites them only once they are all served.
+        Only the row order is permuted; the next refill writes into the served rows once they
+        are all served.
         """
         keep = int(self.capacity * self.mix_fraction)
         n_serve = (self.size - keep) // self.batch_size * self.batch_size
-        perm = torch.randperm(self.size, generator=self.generator).to(self.tokens.device)
-        for buf in self.acts.values():
-            buf[: self.size] = buf[: self.size].index_select(0, perm)
-        self.tokens[: self.size] = self.tokens[: self.size].index_select(0, perm)
+        perm = torch.randperm(self.size, generator=self.generator).to(self.order.device)
+        self.order[: self.size] = self.order[: self.size][perm]
         self.kept = self.cursor = self.size - n_serve
         self.serving = n_serve > 0
 
+    def rows(self, hook: str, n: int) -> torch.Tensor:
+        """The first ``n`` logical rows of ``hook`` (a copy)."""
+        return self.acts[hook].index_select(0, self.order[: min(n, self.size)])
+
+    def _gather(self, source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        if not self.pin_memory:
+            return source.index_select(0, index)
+        out = torch.empty((index.shape[0], *source.shape[1:]), dtype=source.dtype, pin_memory=True)
+        return torch.index_select(source, 0, index, out=out)
+
     def next_batch(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """The next shuffled batch, copied out of the buffer; call only while batches_ready()."""
-        lo, hi = self.cursor, self.cursor + self.batch_size
-        batch = {h: a[lo:hi].clone() for h, a in self.acts.items()}, self.tokens[lo:hi].clone()
-        self.cursor = hi
+        index = self.order[self.cursor : self.cursor + self.batch_size]
+        batch = {h: self._gather(a, index) for h, a in self.acts.items()}
+        tokens = self._gather(self.tokens, index)
+        self.cursor += self.batch_size
         if self.cursor == self.size:
             self.size, self.serving = self.kept, False
-        return batch
+        return batch, tokens
 
     def state_dict(self) -> dict[str, Any]:
-        """Buffer contents, serving position and shuffle RNG: enough to continue exactly."""
+        """Buffer contents in logical order, serving position and shuffle RNG: enough to
+        continue exactly. Gathered on the host: no buffer-sized copy on the buffer's device."""
+        order = self.order[: self.size].cpu()
+
+        def host_rows(source: torch.Tensor) -> torch.Tensor:
+            host = source if source.device.type == "cpu" else source.cpu()
+            return host.index_select(0, order)
+
         return {
-            "acts": {h: a[: self.size].clone() for h, a in self.acts.items()},
-            "tokens": self.tokens[: self.size].clone(),
+            "acts": {h: host_rows(a) for h, a in self.acts.items()},
+            "tokens": host_rows(self.tokens),
             "serving": self.serving,
             "kept": self.kept,
             "cursor": self.cursor,
@@ -97,6 +125,7 @@ class MixingBuffer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.size = state["tokens"].shape[0]
+        self.order = torch.arange(self.capacity, device=self.order.device)
         for hook, buf in self.acts.items():
             buf[: self.size].copy_(state["acts"][hook])
         self.tokens[: self.size].copy_(state["tokens"])

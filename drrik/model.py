@@ -32,7 +32,11 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 def native_bfloat16(device: str) -> bool:
     """Whether ``device`` computes bfloat16 matmuls natively (fast) rather than emulating them."""
     if device.startswith("cuda"):
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        if not torch.cuda.is_available():
+            return False
+        # Asked of the target GPU; V100 and T4 emulate bf16 (slower than fp16 or fp32 there).
+        with torch.cuda.device(torch.device(device)):
+            return torch.cuda.is_bf16_supported(including_emulation=False)
     if device == "cpu":
         try:
             flags = Path("/proc/cpuinfo").read_text()
@@ -40,6 +44,19 @@ def native_bfloat16(device: str) -> bool:
             return False
         return "avx512_bf16" in flags or "amx_bf16" in flags
     return False
+
+
+def use_tf32_matmuls(device: torch.device) -> None:
+    """Let fp32 matmuls on a CUDA device use TF32 tensor cores (Ampere and later: several times
+    faster, 10-bit mantissa products, fp32 accumulation), unless the user chose a precision."""
+    if device.type != "cuda":
+        return
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        if matmul.fp32_precision == "none":
+            matmul.fp32_precision = "tf32"
+    else:  # torch before 2.9
+        matmul.allow_tf32 = True
 
 
 def resolve_dtype(name: str, device: str) -> str:

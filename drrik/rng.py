@@ -41,4 +41,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # One state per GPU the saving process saw; a resume may see fewer (or more) GPUs.
+        # Each restores its own where there is one; the others keep their seeded state.
+        visible = torch.cuda.device_count()
+        for index, cuda_state in enumerate(state["cuda"][:visible]):
+            torch.cuda.set_rng_state(cuda_state, index)

@@ -122,14 +122,17 @@ class ActivationsStore:
             if store_cfg.buffer_dtype == "model"
             else torch_dtype(store_cfg.buffer_dtype)
         )
+        buffer_device = self._buffer_device()
         self.buffer = MixingBuffer(
             store_cfg.buffer_tokens(data_cfg.context_size),
             self.d_in,
             dtype=dtype,
-            device=self._buffer_device(),
+            device=buffer_device,
             mix_fraction=store_cfg.mix_fraction,
             batch_size=store_cfg.train_batch_size_tokens,
             seed=seed,
+            # A host buffer feeding a GPU: pinned, so batch copies overlap with compute.
+            pin_memory=buffer_device.type == "cpu" and self.device.type == "cuda",
         )
         self.exclude = torch.tensor(
             self.stream.special.ids() if data_cfg.exclude_special_tokens else [], dtype=torch.long
@@ -156,7 +159,7 @@ class ActivationsStore:
         return (
             f"activations buffer: {self.buffer.capacity:,} tokens x d_in ({dims}) x "
             f"{self.buffer.tokens.device}/{next(iter(self.buffer.acts.values())).dtype} = "
-            f"{gib:.3f} GiB (up to 2x during a shuffle)"
+            f"{gib:.3f} GiB"
         )
 
     # -- producing ---------------------------------------------------------------------------
@@ -232,7 +235,7 @@ class ActivationsStore:
         """
         if self.buffer.size == 0:
             self._fill()
-        return self.buffer.acts[hook][: min(n, self.buffer.size)].to(self.device, torch.float32)
+        return self.buffer.rows(hook, n).to(self.device, torch.float32)
 
     def norm_scaling_factor(self, hook: str, n: int = 65536) -> float:
         """sqrt(d_in) / E||x||: scales activations to an expected norm of sqrt(d_in)."""

@@ -32,7 +32,7 @@ from drrik.distributed import Distributed
 from drrik.errors import ConfigError, require
 from drrik.evaluate import EvalTarget, evaluate, format_metrics, held_out_contexts
 from drrik.geometric_median import geometric_median
-from drrik.model import load_model, resolve_dtype
+from drrik.model import load_model, resolve_dtype, use_tf32_matmuls
 from drrik.plots import plot_feature_density, plot_training_curves
 from drrik.rng import rng_state, seed_everything, set_rng_state
 from drrik.run_dir import RunDir, default_run_name
@@ -77,8 +77,12 @@ class SAESlot:
     tracker: DeadFeatureTracker
     scale: float = 1.0
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
-    nonfinite_step: torch.Tensor | None = None
+    nonfinite_step: torch.Tensor | None = None  # first step with a NaN/Inf loss, -1 if none
     forward: Any = None  # sae.training_forward, compiled with --compile-sae
+    idle_bound: int = 0
+    """Host-side upper bound on the tokens since any feature fired: below the dead-feature
+    window no feature can be dead, so the step skips the dead-feature losses without asking
+    the device (on a GPU, asking would synchronize every step)."""
 
     def __post_init__(self) -> None:
         if self.forward is None:
@@ -117,6 +121,12 @@ class Trainer:
         )
         self.verbose = verbose and self.dist.is_main
         require(
+            not (self.dist.enabled and cfg.model.model_n_devices > 1),
+            "model_n_devices",
+            cfg.model.model_n_devices,
+            "spreading the model over GPUs is a single-process layout; run it without torchrun",
+        )
+        require(
             bool(cfg.out) or not self.dist.enabled,
             "out",
             cfg.out,
@@ -134,6 +144,7 @@ class Trainer:
         self.device = self.dist.device(cfg.model.device)
         # The dataset opens first: a bad one fails before the model's load.
         dataset = dataset if dataset is not None else load_source(cfg.data)
+        use_tf32_matmuls(self.device)
         self.model = load_model(
             model if model is not None else cfg.model.model,
             device=self.device,
@@ -158,6 +169,7 @@ class Trainer:
             for i, shard in enumerate(self.shards)
         ]
         self.eval_contexts = self._eval_contexts(dataset) if self.dist.is_main else []
+        self.dist.wait_for_main()  # rank 0 read its held-out contexts alone
         self.batch_size = cfg.store.train_batch_size_tokens * self.n_shards  # global, per step
         self.total_steps = math.ceil(cfg.trainer.training_tokens / self.batch_size)
         self.slots = self._build_slots()
@@ -236,7 +248,7 @@ class Trainer:
         t = self.cfg.trainer
         if t.normalize_activations == "expected_average_only_in":
             local = sum(store.norm_scaling_factor(slot.hook) for store in self.stores)
-            total = torch.tensor(local / len(self.stores), dtype=torch.float64)
+            total = torch.tensor(local / len(self.stores), dtype=torch.float64, device=self.device)
             slot.scale = float(self.dist.average_(total))
         if t.b_dec_init_method != "zeros" and self.dist.is_main:
             sample = self.stores[0].sample(slot.hook, GEOMETRIC_MEDIAN_SAMPLES) * slot.scale
@@ -260,6 +272,7 @@ class Trainer:
         except TrainingStopped as exc:
             self._heartbeat("stopped")
             self.logger.finish(exc.exit_code)
+            self.dist.close()  # every rank stops at the same step
             raise
         except BaseException:
             self._heartbeat("failed")
@@ -270,7 +283,8 @@ class Trainer:
                 store.close()
         self._heartbeat("finished")
         self.logger.finish()
-        self.dist.barrier()
+        self.dist.wait_for_main()  # rank 0's final evaluation and save, beyond NCCL's timeout
+        self.dist.close()
         return metrics
 
     def train_to_budget(self) -> None:
@@ -335,6 +349,8 @@ class Trainer:
                         self.logger.log_rows(rows)
                         self._heartbeat("running")
                         bar.set_postfix(_postfix(rows[0]))
+                    if eval_due:
+                        self.dist.wait_for_main()  # rank 0 evaluated alone
                     if checkpoint_due:
                         self.save_checkpoint()
                         last_checkpoint = time.perf_counter()
@@ -361,7 +377,9 @@ class Trainer:
 
     def _agree(self, stopping: bool, timer_due: bool) -> tuple[bool, bool]:
         """Whether any rank was signalled, or rank 0's clock says a checkpoint is due."""
-        flags = torch.tensor([float(stopping), float(timer_due and self.dist.is_main)])
+        flags = torch.tensor(
+            [float(stopping), float(timer_due and self.dist.is_main)], device=self.device
+        )
         stop, timer = self.dist.max_(flags).tolist()
         return stop > 0, timer > 0
 
@@ -375,7 +393,8 @@ class Trainer:
     def _train_step(self, slot: SAESlot, acts: torch.Tensor, coefficient: float) -> None:
         t, sae_cfg = self.cfg.trainer, slot.sae.cfg
         x = acts.to(slot.sae.W_dec.dtype) * slot.scale
-        dead = slot.tracker.dead_mask(t.dead_feature_window)
+        window = t.dead_feature_window
+        dead = slot.tracker.dead_mask(window) if slot.idle_bound >= window else None
         autocast = (
             torch.autocast(self.device.type, dtype=torch.bfloat16)
             if t.autocast
@@ -401,8 +420,11 @@ class Trainer:
                     if buffer.is_floating_point():
                         self.dist.average_(buffer)
         slot.tracker.record(fired, self.batch_size)
+        slot.idle_bound += self.batch_size
         finite = torch.isfinite(out.loss)
-        step = torch.tensor(self.step + 1, device=finite.device)  # numbered as metrics rows
+        # Numbered as metrics rows. A fill, not torch.tensor(step): that copies from the host
+        # and waits for the copy, once per SAE and step.
+        step = torch.full((), self.step + 1, dtype=torch.long, device=finite.device)
         if slot.nonfinite_step is None:
             slot.nonfinite_step = torch.full_like(step, -1)
         first_bad = (~finite) & (slot.nonfinite_step < 0)
@@ -425,11 +447,12 @@ class Trainer:
             x = acts[slot.hook].to(slot.sae.W_dec.dtype) * slot.scale
             resample_dead_features(slot.sae, slot.optimizer, dead, x)
             slot.tracker.tokens_since_fired.masked_fill_(dead, 0)
+            # Not Adam's ``step``: a host scalar (NCCL takes none), equal on every rank anyway.
             moments = [
                 v
                 for state in slot.optimizer.state.values()
-                for v in state.values()
-                if isinstance(v, torch.Tensor)
+                for k, v in state.items()
+                if isinstance(v, torch.Tensor) and k != "step"
             ]
             self.dist.broadcast_(list(slot.sae.parameters()) + moments)
 
@@ -444,7 +467,11 @@ class Trainer:
             [
                 v
                 for s in self.slots
-                for v in (s.nonfinite_step.float(), s.tracker.dead_mask(window).sum().float())
+                for v in (
+                    s.nonfinite_step.float(),
+                    s.tracker.dead_mask(window).sum().float(),
+                    s.tracker.tokens_since_fired.max().float(),
+                )
             ]
         )
         sums = self.dist.average_(sums).tolist()
@@ -453,7 +480,8 @@ class Trainer:
         for i, (slot, names) in enumerate(zip(self.slots, keys, strict=True)):
             values = dict(zip(names, sums[: len(names)], strict=True))
             sums = sums[len(names) :]
-            bad_step, dead = flags[2 * i], flags[2 * i + 1]
+            bad_step, dead, idle = flags[3 * i : 3 * i + 3]
+            slot.idle_bound = _at_least(idle)
             if bad_step >= 0:
                 raise TrainingDiverged(
                     f"SAE {slot.name}: the loss became NaN or Inf at step {int(bad_step)}; "
@@ -483,14 +511,24 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self) -> Path | None:
-        """Gather every rank's store state; rank 0 writes the checkpoint."""
-        stores = self.dist.gather(self._store_states())
-        if not self.dist.is_main:
-            return None
-        state = self.state_dict({k: v for per_rank in stores for k, v in per_rank.items()})
-        run_id = self.logger.run_id if self.logger is not None else None
-        extra = {"wandb_run_id": run_id} if run_id else {}
-        return self.checkpoints.save(state, self.step, self.tokens, extra)
+        """Each rank writes its data shards' state; rank 0 gathers their names and checksums
+        (never the buffers) and writes the rest of the checkpoint around them."""
+        parts = [
+            self.checkpoints.write_part(self.step, _store_part(shard), store.state_dict())
+            for shard, store in zip(self.shards, self.stores, strict=True)
+        ]
+        gathered = self.dist.gather(parts)
+        path = None
+        if self.dist.is_main:
+            assert gathered is not None
+            every_part = [part for per_rank in gathered for part in per_rank]
+            state = self.state_dict(stores={})
+            state["store_parts"] = {shard: _store_part(shard) for shard in range(self.n_shards)}
+            run_id = self.logger.run_id if self.logger is not None else None
+            extra = {"wandb_run_id": run_id} if run_id else {}
+            path = self.checkpoints.save(state, self.step, self.tokens, extra, every_part)
+        self.dist.wait_for_main()  # rank 0 wrote alone
+        return path
 
     def _store_states(self) -> dict[int, Any]:
         return {shard: s.state_dict() for shard, s in zip(self.shards, self.stores, strict=True)}
@@ -518,12 +556,15 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if len(state["stores"]) != self.n_shards:
+        """Restore a :meth:`state_dict`; store parts written apart are read from the
+        checkpoint the manager loaded last, this rank's shards only."""
+        saved_shards = len(state.get("store_parts") or state["stores"])
+        if saved_shards != self.n_shards:
             raise ConfigError(
                 "data_shards",
                 self.n_shards,
-                f"the checkpoint holds {len(state['stores'])} data shards; resume with "
-                f"--data-shards {len(state['stores'])} and a process count that divides it",
+                f"the checkpoint holds {saved_shards} data shards; resume with "
+                f"--data-shards {saved_shards} and a process count that divides it",
             )
         self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed"]
         for slot, saved in zip(self.slots, state["slots"], strict=True):
@@ -532,9 +573,13 @@ class Trainer:
             slot.optimizer.load_state_dict(saved["optimizer"])
             slot.scheduler.load_state_dict(saved["scheduler"])
             slot.tracker.load_state_dict(saved["tracker"])
+            slot.idle_bound = _at_least(float(slot.tracker.tokens_since_fired.max()))
             slot.scale = saved["scale"]
         for shard, store in zip(self.shards, self.stores, strict=True):
-            store.load_state_dict(state["stores"][shard])
+            if "store_parts" in state:
+                store.load_state_dict(self.checkpoints.load_part(state["store_parts"][shard]))
+            else:
+                store.load_state_dict(state["stores"][shard])
         set_rng_state(state["rng"])
 
     # -- evaluation and output (rank 0) ------------------------------------------------------
@@ -608,6 +653,16 @@ class Trainer:
             print(format_metrics(metrics))
             print(f"saved to {self.run.final_path.resolve()}")
         return metrics
+
+
+def _at_least(value: float) -> int:
+    """An int no smaller than a count read back as float32 (which rounds above 2**24)."""
+    return math.ceil(value * (1 + 2**-22)) + 1
+
+
+def _store_part(shard: int) -> str:
+    """The checkpoint file holding one data shard's stream position and mixing buffer."""
+    return f"store-{shard:05d}.pt"
 
 
 def _postfix(row: dict[str, Any]) -> dict[str, str]:

@@ -121,3 +121,17 @@ def dataset_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
             idx = torch.randint(0, len(words), (n,), generator=g).tolist()
             f.write(json.dumps({"text": " ".join(words[i] for i in idx)}) + "\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def docs():
+    """Random words: enough variety that an SAE has something to learn."""
+    from datasets import Dataset
+
+    words = "the of and a to in is you that it he was for on are as with his they".split()
+    g = torch.Generator().manual_seed(0)
+    texts = []
+    for _ in range(400):
+        n = int(torch.randint(5, 60, (1,), generator=g))
+        texts.append(" ".join(words[i] for i in torch.randint(0, len(words), (n,), generator=g)))
+    return Dataset.from_dict({"text": texts})

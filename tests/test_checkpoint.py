@@ -77,7 +77,7 @@ if where == "metrics":  # just after the row of step N is on disk (before its ch
             pause()
 
     drrik.run_dir.RunDir.append_metrics = append_metrics
-elif where == "checkpoint":  # state.pt of step N written to the temporary dir, no manifest yet
+elif where == "checkpoint":  # the first file of step N's checkpoint written, no manifest yet
     save = torch.save
 
     def paused_save(obj, f, *args, **kwargs):
@@ -283,7 +283,8 @@ def test_kill_9_then_resume_gives_identical_weights_and_metrics(
             f.write('{"step": 7, "tok')
     elif case == "inside-checkpoint-write":
         assert checkpoint_steps(out) == [4] and rows[-1][1] == 8
-        assert list((out / "checkpoints").glob(".tmp-step-0000000008-*/state.pt"))
+        # Killed after the first file of step 8's checkpoint (a data shard's part) was written.
+        assert list((out / "checkpoints").glob(".parts-step-0000000008/store-*.pt"))
     elif case == "before-final-save":
         assert checkpoint_steps(out)[-1] == STEPS and not (out / "final").exists()
     else:

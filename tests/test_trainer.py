@@ -52,18 +52,6 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def docs() -> Dataset:
-    """Random words: enough variety that an SAE has something to learn."""
-    words = "the of and a to in is you that it he was for on are as with his they".split()
-    g = torch.Generator().manual_seed(0)
-    texts = []
-    for _ in range(400):
-        n = int(torch.randint(5, 60, (1,), generator=g))
-        texts.append(" ".join(words[i] for i in torch.randint(0, len(words), (n,), generator=g)))
-    return Dataset.from_dict({"text": texts})
-
-
 def run_config(out: Path, model_dir: Path, **sections: dict[str, Any]) -> RunConfig:
     """A small topk run (40 steps of 64 tokens); ``sections`` override fields per section."""
     s = {name: dict(values) for name, values in sections.items()}

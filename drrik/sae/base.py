@@ -167,6 +167,22 @@ class SAE(nn.Module):
         """
         raise NotImplementedError
 
+    def feature_total(self, acts: Tensor, weights: Tensor | None = None) -> Tensor:
+        """``sum_i acts_i * weights_i`` averaged over tokens, for ``acts [..., d_sae]``.
+
+        Summed over the batch first, then weighted: the same value as weighting every
+        activation, without a second ``batch x d_sae`` tensor forward and back. The batch sum
+        runs in the activations' dtype with autocast off (it accumulates in float32 anyway and
+        rounds once per feature): CUDA autocast would copy a bf16 ``batch x d_sae`` tensor to
+        float32 first, and so would asking for a float32 result on CPU.
+        """
+        with torch.autocast(acts.device.type, enabled=False):
+            per_feature = acts.reshape(-1, self.d_sae).sum(0)
+        per_feature = per_feature.to(torch.promote_types(acts.dtype, torch.float32))
+        if weights is not None:
+            per_feature = per_feature * weights
+        return per_feature.sum() / (acts.numel() // self.d_sae)
+
     @staticmethod
     def mse(x_hat: Tensor, x: Tensor) -> Tensor:
         """Squared error summed over ``d_in``, averaged over the batch (in the wider dtype of

@@ -5,6 +5,7 @@ path decides how strongly, so the L1 on the gate no longer shrinks the magnitude
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from drrik.sae.base import SAE, TrainOutput, register
@@ -35,8 +36,10 @@ class GatedSAE(SAE):
     def gate_and_magnitude(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Gate pre-activations and magnitude pre-activations."""
         sae_in = self.sae_in(x)
-        gate = sae_in @ self.W_enc + self.b_enc
-        magnitude = sae_in @ (self.W_enc * self.r_mag.exp()) + self.b_mag
+        # Fused bias adds (as in pre_acts): under autocast a separate float32 bias add would
+        # promote both batch x d_sae results to float32.
+        gate = F.linear(sae_in, self.W_enc.t(), self.b_enc)
+        magnitude = F.linear(sae_in, (self.W_enc * self.r_mag.exp()).t(), self.b_mag)
         return gate, magnitude
 
     def encode(self, x: Tensor) -> Tensor:
@@ -54,13 +57,11 @@ class GatedSAE(SAE):
         feature_acts = (gate > 0) * torch.relu(magnitude)
         x_hat = self.decode(feature_acts)
         gate_acts = torch.relu(gate)
-        weighted = gate_acts
-        if self.cfg.scale_sparsity_by_decoder_norm:
-            weighted = gate_acts * self.decoder_norms()
+        norms = self.decoder_norms() if self.cfg.scale_sparsity_by_decoder_norm else None
         aux_hat = gate_acts @ self.W_dec.detach() + self.b_dec.detach()
         losses = {
             "mse_loss": self.mse(x_hat, x),
-            "l1_loss": sparsity_coefficient * weighted.sum(dim=-1).mean(),
+            "l1_loss": sparsity_coefficient * self.feature_total(gate_acts, norms),
             "aux_loss": self.mse(aux_hat, x),
         }
         loss = torch.stack(list(losses.values())).sum()

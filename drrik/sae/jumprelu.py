@@ -111,7 +111,7 @@ class JumpReLUSAE(SAE):
         eps = self.cfg.jumprelu_bandwidth
         feature_acts = JumpReLUFunction.apply(pre, theta, eps)
         x_hat = self.decode(feature_acts)
-        l0 = StepFunction.apply(pre, theta, eps).sum(dim=-1).mean()
+        l0 = self.feature_total(StepFunction.apply(pre, theta, eps))
         losses = {"mse_loss": self.mse(x_hat, x), "l0_loss": sparsity_coefficient * l0}
         loss = torch.stack(list(losses.values())).sum()
         return TrainOutput(loss=loss, losses=losses, feature_acts=feature_acts, x_hat=x_hat)

@@ -26,20 +26,10 @@ class ReLUSAE(SAE):
         return torch.relu(self.pre_acts(x))
 
     def sparsity_penalty(self, feature_acts: Tensor) -> Tensor:
-        """Per-batch-mean L1 of ``feature_acts``, weighted by decoder norms when configured.
-
-        Summed over the batch first, then weighted: the same value as weighting every
-        activation, without a second ``batch x d_sae`` tensor forward and back. The sum
-        accumulates in float32 even for bf16 activations and is rounded once per feature;
-        asking for a float32 result instead would copy the whole batch to float32, and its
-        gradient back.
-        """
-        dtype = torch.promote_types(feature_acts.dtype, torch.float32)
-        per_feature = feature_acts.reshape(-1, self.d_sae).sum(0).to(dtype)
-        n_tokens = feature_acts.numel() // self.d_sae
-        if self.cfg.scale_sparsity_by_decoder_norm:
-            per_feature = per_feature * self.decoder_norms()
-        return per_feature.sum() / n_tokens
+        """Per-batch-mean L1 of ``feature_acts``, weighted by decoder norms when configured
+        (see :meth:`feature_total` for how it stays off float32 copies)."""
+        scale = self.cfg.scale_sparsity_by_decoder_norm
+        return self.feature_total(feature_acts, self.decoder_norms() if scale else None)
 
     def training_forward(
         self,
@@ -74,7 +64,8 @@ class ReLUSAE(SAE):
         feature is dead; decided on device, without a host sync.
         """
         residual = (x - x_hat).detach()
-        ghost_acts = torch.where(dead_mask, pre, float("-inf")).exp()
+        with torch.autocast(pre.device.type, enabled=False):  # CUDA's would copy to float32
+            ghost_acts = torch.where(dead_mask, pre, float("-inf")).exp()
         ghost_out = ghost_acts @ self.W_dec
         scale = residual.norm(dim=-1, keepdim=True) / (
             2 * ghost_out.norm(dim=-1, keepdim=True).clamp_min(_EPS)
