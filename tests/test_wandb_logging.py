@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -132,6 +133,9 @@ def test_offline_run_records_metrics_and_resumes_the_same_run(wandb_home: Path) 
     (artifact,) = [r.artifact for r in recs if r.HasField("artifact")]
     assert artifact.name == "blocks.6.hook_resid_post__k-16" and artifact.type == "model"
 
+    # wandb names a session's directory by its start second: a resume within the same second
+    # would share the first session's directory (seen with wandb 0.19 to 0.22).
+    time.sleep(1.05 - time.time() % 1)
     with WandbLogger(cfg, run_dir, config, run_id=run_id, settings=settings) as resumed:
         assert resumed.run_id == run_id
         resumed.log({"loss": 0.0625}, step=12288)
