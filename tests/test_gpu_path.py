@@ -212,7 +212,7 @@ def big_vocab_dir(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 
 _PEAK_SCRIPT = """
-import resource, sys, torch
+import sys, torch
 from drrik.evaluate import EvalTarget, evaluate
 from drrik.model import load_model
 from drrik.sae import SAEConfig, build_sae
@@ -226,13 +226,14 @@ def batch(n, ctx):
     return tokens
 targets = [EvalTarget("a", "blocks.0.hook_resid_post", sae)]
 evaluate(model, targets, [batch(1, 8)], torch.tensor([1]))  # warm-up
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-base, peak_before = rss(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def status_kib(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # resets the resident-set peak (VmHWM) to the current size
+base = status_kib("VmRSS")
 evaluate(model, targets, [batch({batch_size}, {ctx})], torch.tensor([1]))
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(max(peak, peak_before) - base if peak > peak_before else -1)
+print((status_kib("VmHWM") - base) * 1024)
 """
 
 
@@ -252,7 +253,7 @@ def test_eval_peak_memory_stays_near_two_logits_with_a_128k_vocabulary(
     assert done.returncode == 0, done.stderr[-2000:]
     growth = int(done.stdout.split()[-1])
     logits = EVAL_BATCH * EVAL_CTX * VOCAB * 4
-    assert growth > 0, "the evaluation did not raise the process's peak memory"
+    assert growth > logits / 2, "the peak did not see the batch's logits"
     assert growth < 3 * logits, f"peak grew by {growth / logits:.1f}x one batch's logits"
 
 
