@@ -66,7 +66,7 @@ def candidates(
     """Each way to make ``new`` greedy tokens per prompt, returning only the new tokens."""
     tokens, mask = steering._encode(PROMPTS)
     ids = dict(eos_token_id=steering.special.eos, pad_token_id=steering._pad)
-    edit = steering._edit([0], [4.0], "add")
+    edit = steering._edit(torch.tensor([0]), torch.full((len(PROMPTS), 1), 4.0), "add")
 
     def bridge(cache: bool) -> torch.Tensor:
         out = model.generate(
@@ -169,7 +169,7 @@ def main() -> None:
             f"| {r['dtype']} | {r['path']} | {r['seconds_median']} | {r['new_tokens_per_s']} "
             f"| {same} | `{text}` |"
         )
-    write_results("generation-cpu", result, "\n".join(lines))
+    write_results("generation-cpu", result, "\n".join(lines), args.out)
 
 
 if __name__ == "__main__":
