@@ -41,7 +41,7 @@ from drrik.data import ContextStream, SpecialTokens, load_source
 from drrik.errors import check_device, read_json, reading, require
 from drrik.evaluate import held_out_contexts
 from drrik.model import check_hooks, load_model, run_hooks
-from drrik.run_dir import CONFIG_FILE, FINAL_DIR, write_text_atomic
+from drrik.run_dir import CONFIG_FILE, locate_saved_sae, write_text_atomic
 from drrik.sae import SAE, load_sae
 from drrik.sae.saving import SAVED_SAE_FIX, read_sae_cfg
 
@@ -454,21 +454,8 @@ class SavedSAE:
     @classmethod
     def locate(cls, path: str | Path, name: str | None = None) -> SavedSAE:
         """Accept a run directory, its ``final/`` directory, or any saved SAE directory."""
-        path = Path(path)
-        if path.name == FINAL_DIR and (path.parent / CONFIG_FILE).is_file():
-            path = path.parent
-        final = path / FINAL_DIR
-        if (path / "cfg.json").is_file():
-            sae_dir, run_dir, name = path, None, None
-        elif (final / "cfg.json").is_file():
-            sae_dir, run_dir, name = final, path, None
-        else:
-            names = sorted(p.name for p in final.glob("*") if (p / "cfg.json").is_file())
-            require(bool(names), "DIR", str(path), "expected a run directory or a saved SAE")
-            if name is None and len(names) == 1:
-                name = names[0]
-            require(name in names, "sae", name, f"the run holds several SAEs: {', '.join(names)}")
-            sae_dir, run_dir = final / str(name), path
+        where = locate_saved_sae(path, name)
+        sae_dir, run_dir, name = where.sae_dir, where.run_dir, where.name
         cfg_json = read_sae_cfg(sae_dir)
         return cls(sae_dir, run_dir, run_dir or sae_dir, name, cfg_json["metadata"], cfg_json)
 

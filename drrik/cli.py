@@ -17,7 +17,7 @@ from simple_parsing import ArgumentParser, DashVariant
 
 from drrik.config import DataConfig, EvalConfig, ModelConfig, RunConfig, load_config_file
 from drrik.errors import ConfigError, require
-from drrik.run_dir import CONFIG_FILE
+from drrik.run_dir import CONFIG_FILE, locate_saved_sae
 
 Command = Callable[[list[str]], int]
 
@@ -74,14 +74,6 @@ def cmd_train(argv: list[str]) -> int:
     return 0
 
 
-def _saved_sae_dir(path: Path) -> Path:
-    """A run directory's final SAE, or the SAE directory itself."""
-    for candidate in (path / "final", path):
-        if (candidate / "cfg.json").is_file():
-            return candidate
-    raise ConfigError("DIR", str(path), "expected a run directory or a saved SAE (cfg.json)")
-
-
 def cmd_eval(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="drrik eval", description="Evaluate a saved SAE on held-out text."
@@ -103,7 +95,7 @@ def cmd_eval(argv: list[str]) -> int:
     from drrik.sae import load_sae
     from drrik.sae.saving import read_sae_cfg
 
-    sae_dir = _saved_sae_dir(args.dir)
+    sae_dir = locate_saved_sae(args.dir).sae_dir
     meta = read_sae_cfg(sae_dir)["metadata"]
     model_name = args.model or meta.get("model_name")
     require(bool(model_name), "model", model_name, "the SAE names no model; pass --model")

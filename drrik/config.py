@@ -21,6 +21,7 @@ from simple_parsing.helpers import Serializable
 
 from drrik.errors import check_device, read_yaml, reading, require
 from drrik.sae.config import SAEConfig
+from drrik.sae.spec import DictionarySpec
 from drrik.wandb_logging import WandbConfig
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -172,6 +173,13 @@ class StoreConfig(Serializable):
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
 NORMALIZATIONS = ("expected_average_only_in", "none")
 SWEEPABLE = ("k", "l1_coefficient", "expansion_factor", "d_sae", "architecture")
+
+
+def slot_name(hook: str, setting: dict[str, str], several_hooks: bool) -> str:
+    """A readable, filesystem-safe name for one dictionary of a run."""
+    parts = [hook] if several_hooks or not setting else []
+    parts += [f"{k}={v}" for k, v in setting.items()]
+    return "__".join(parts)
 
 
 def parse_sweep(spec: str) -> list[dict[str, str]]:
@@ -368,6 +376,20 @@ class RunConfig(Serializable):
             "SAE parameters cannot train in float16; use float32 (add --autocast for bf16 "
             "compute) or bfloat16",
         )
+
+    def dictionaries(self) -> list[DictionarySpec]:
+        """Every dictionary this run trains: each hook times each sweep setting, in order."""
+        hooks = self.model.hook_names
+        return [
+            DictionarySpec(
+                slot_name(hook, setting, len(hooks) > 1),
+                (hook,),
+                (hook,),
+                self.sae_configs_for(setting),
+            )
+            for hook in hooks
+            for setting in parse_sweep(self.trainer.sweep)
+        ]
 
     def sae_configs_for(self, setting: dict[str, str]) -> SAEConfig:
         """The SAE config with one sweep setting applied (and validated)."""

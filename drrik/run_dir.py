@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,8 @@ from drrik.errors import ConfigError, read_yaml, require
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 FINAL_DIR = "final"
+SAE_CONFIG_FILE = "cfg.json"
+"""The file that marks a saved SAE directory (SAELens's name)."""
 METRIC_NUMBERS = ("step", "tokens", "tokens_per_second")
 """Keys of a metrics row that readers compute with, so must be numbers."""
 RESUMABLE_CHANGES = (
@@ -179,3 +182,41 @@ def _comparable(cfg: RunConfig) -> dict[str, Any]:
     tree = cfg.to_dict()
     tree.pop("out", None)
     return tree
+
+
+@dataclass(frozen=True)
+class SavedLocation:
+    """Where a saved SAE lies, the run it belongs to (if any), and where its outputs go.
+
+    A run keeps analysis and report beside ``final/`` (``analysis/<name>/`` when it trained
+    several SAEs); a bare SAE directory keeps them inside itself, so saving a new SAE over it
+    also removes the now stale outputs.
+    """
+
+    sae_dir: Path
+    run_dir: Path | None
+    name: str | None
+
+    def output_dir(self, kind: str) -> Path:
+        """The ``analysis`` or ``report`` directory of this SAE."""
+        base = (self.run_dir or self.sae_dir) / kind
+        return base / self.name if self.name else base
+
+
+def locate_saved_sae(path: str | Path, name: str | None = None) -> SavedLocation:
+    """Accept a run directory, its ``final/`` directory, or any saved SAE directory;
+    ``name`` picks one SAE of a run that trained several."""
+    path = Path(path)
+    if path.name == FINAL_DIR and (path.parent / CONFIG_FILE).is_file():
+        path = path.parent
+    final = path / FINAL_DIR
+    if (path / SAE_CONFIG_FILE).is_file():
+        return SavedLocation(path, None, None)
+    if (final / SAE_CONFIG_FILE).is_file():
+        return SavedLocation(final, path, None)
+    names = sorted(p.name for p in final.glob("*") if (p / SAE_CONFIG_FILE).is_file())
+    require(bool(names), "DIR", str(path), "expected a run directory or a saved SAE")
+    if name is None and len(names) == 1:
+        name = names[0]
+    require(name in names, "sae", name, f"the run holds several SAEs: {', '.join(names)}")
+    return SavedLocation(final / str(name), path, name)

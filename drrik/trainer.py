@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from drrik.checkpoint import CheckpointManager
-from drrik.config import RunConfig, parse_sweep
+from drrik.config import RunConfig, parse_sweep, slot_name
 from drrik.data import ContextStream, load_source
 from drrik.distributed import Distributed
 from drrik.errors import ConfigError, require
@@ -56,13 +56,6 @@ class TrainingStopped(RuntimeError):
     def __init__(self, message: str, signum: int) -> None:
         super().__init__(message)
         self.exit_code = 128 + signum
-
-
-def slot_name(hook: str, setting: dict[str, str], several_hooks: bool) -> str:
-    """A readable, filesystem-safe name for one SAE of a run."""
-    parts = [hook] if several_hooks or not setting else []
-    parts += [f"{k}={v}" for k, v in setting.items()]
-    return "__".join(parts)
 
 
 @dataclass
