@@ -215,7 +215,12 @@ def locate_saved_sae(path: str | Path, name: str | None = None) -> SavedLocation
     if (final / SAE_CONFIG_FILE).is_file():
         return SavedLocation(final, path, None)
     names = sorted(p.name for p in final.glob("*") if (p / SAE_CONFIG_FILE).is_file())
-    require(bool(names), "DIR", str(path), "expected a run directory or a saved SAE")
+    require(
+        bool(names),
+        "DIR",
+        str(path),
+        f"expected a run directory or a saved SAE ({SAE_CONFIG_FILE})",
+    )
     if name is None and len(names) == 1:
         name = names[0]
     require(name in names, "sae", name, f"the run holds several SAEs: {', '.join(names)}")
