@@ -133,9 +133,10 @@ class RSSMonitor:
 
 # -- the drrik worker ------------------------------------------------------------------------
 def drrik_worker(spec: RunSpec) -> dict[str, Any]:
-    """Train with drrik's Trainer; time set-up, the loop and the rest apart."""
+    """Train with drrik's three steps; time assemble, the loop and the rest apart."""
     import torch
 
+    from drrik.assemble import assemble
     from drrik.config import (
         CheckpointConfig,
         DataConfig,
@@ -145,7 +146,9 @@ def drrik_worker(spec: RunSpec) -> dict[str, Any]:
         StoreConfig,
         TrainerConfig,
     )
+    from drrik.export import export_run, final_dir
     from drrik.model import load_model
+    from drrik.pipeline import open_logger
     from drrik.sae import SAEConfig
     from drrik.trainer import Trainer
 
@@ -195,39 +198,39 @@ def drrik_worker(spec: RunSpec) -> dict[str, Any]:
     )
     cfg.wandb.wandb_mode = "disabled"
     t1 = time.perf_counter()
-    trainer = Trainer(cfg, model=model, verbose=False)
+    run = assemble(cfg, model=model, verbose=False)
     setup_s = time.perf_counter() - t1
     loop: dict[str, float] = {}
-    inner = trainer.train_to_budget
-
-    def timed_loop() -> None:
-        # The set-up's norm estimate already filled the buffer: the loop forwards fewer tokens
-        # than it trains on, and the floor must count the forwards it did.
-        seen = sum(store.tokens_seen for store in trainer.stores)
-        monitor.mark(loop, "from")
-        inner()
-        monitor.mark(loop, "to")
-        loop["forward_tokens"] = sum(store.tokens_seen for store in trainer.stores) - seen
-
-    trainer.train_to_budget = timed_loop  # type: ignore[method-assign]
-    trainer.fit()
+    # The set-up's norm estimate already filled the buffer: the loop forwards fewer tokens than
+    # it trains on, and the floor must count the forwards it did.
+    seen = sum(store.tokens_seen for store in run.stores)
+    logger = open_logger(run)
+    monitor.mark(loop, "from")
+    Trainer(run, logger).train()
+    monitor.mark(loop, "to")
+    loop["forward_tokens"] = sum(store.tokens_seen for store in run.stores) - seen
+    assert run.evaluator is not None
+    metrics, densities = run.evaluator([learner.eval_target() for learner in run.learners])
+    export_run(run, metrics, densities, logger)
+    logger.finish()
+    run.close()
     total_s = time.perf_counter() - t1
     memory = monitor.stop(loop)
-    rows = trainer.run.read_metrics()
-    saes = {slot.name or spec.arch: str(trainer.final_dir(slot)) for slot in trainer.slots}
+    rows = run.run_dir.read_metrics()
+    saes = {learner.name or spec.arch: str(final_dir(run, learner)) for learner in run.learners}
     return {
         "model_load_s": model_load_s,
         "setup_s": setup_s,
         "train_loop_s": loop["to"] - loop["from"],
         "total_s_excl_model_load": total_s,
-        "training_tokens": trainer.tokens,
+        "training_tokens": run.progress.tokens,
         "forward_tokens_in_loop": loop["forward_tokens"],
         "rss_after_model_load_mib": round(rss_model, 1),
         "torch_threads": torch.get_num_threads(),
         "throughput_windows": [
             (r["tokens"], round(r["tokens_per_second"], 1))
             for r in rows
-            if r["sae"] == trainer.slots[0].name
+            if r["sae"] == run.learners[0].name
         ],
         "sae_dirs": saes,
         **memory,

@@ -42,6 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from machine import RESULTS, machine_info  # noqa: E402
 
+from drrik.assemble import assemble  # noqa: E402
 from drrik.config import (  # noqa: E402
     CheckpointConfig,
     DataConfig,
@@ -54,10 +55,11 @@ from drrik.config import (  # noqa: E402
 from drrik.distributed import Distributed  # noqa: E402
 from drrik.errors import ConfigError  # noqa: E402
 from drrik.evaluate import EvalTarget, evaluate  # noqa: E402
+from drrik.learner import Learner  # noqa: E402
 from drrik.model import load_model, resolve_dtype  # noqa: E402
+from drrik.pipeline import train, train_run  # noqa: E402
 from drrik.run_dir import RunDir  # noqa: E402
 from drrik.sae import SAEConfig, build_sae  # noqa: E402
-from drrik.trainer import Trainer  # noqa: E402
 
 ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu", "gated")
 HOOK = "blocks.6.hook_resid_post"
@@ -145,27 +147,26 @@ def no_host_sync(device: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def sync_free_steps(device: str) -> Iterator[list[bool]]:
-    """Every Trainer._train_step under no_host_sync; yields whether each step got a mask."""
-    original = Trainer._train_step
+    """Every Learner.step under no_host_sync; yields whether each step got a mask."""
+    original = Learner.step
     masks: list[bool] = []
 
-    def step(self: Trainer, slot: Any, acts: torch.Tensor, coefficient: float) -> None:
-        window = self.cfg.trainer.dead_feature_window
-        masks.append(slot.idle_bound >= window)
+    def step(self: Learner, *args: Any) -> None:
+        masks.append(self.idle_bound >= self.cfg.dead_feature_window)
         with no_host_sync(device):
-            original(self, slot, acts, coefficient)
+            original(self, *args)
 
-    Trainer._train_step = step  # type: ignore[method-assign]
+    Learner.step = step  # type: ignore[method-assign]
     try:
         yield masks
     finally:
-        Trainer._train_step = original  # type: ignore[method-assign]
+        Learner.step = original  # type: ignore[method-assign]
 
 
 def _train(suite: Suite, cfg: RunConfig) -> dict[str, Any]:
     with sync_free_steps(suite.device) as masks:
-        trainer = Trainer(cfg, model=suite.model, verbose=False)
-        metrics = trainer.fit()
+        run = assemble(cfg, model=suite.model, verbose=False)
+        metrics = train_run(run)
     rows = RunDir(cfg.out).read_metrics()
     return {
         "tokens_per_second": rows[-1]["tokens_per_second"],
@@ -173,7 +174,7 @@ def _train(suite: Suite, cfg: RunConfig) -> dict[str, Any]:
         "steps_with_dead_mask": sum(masks),
         "steps": len(masks),
         "tf32": getattr(torch.backends.cuda.matmul, "fp32_precision", None),
-        "model_dtype": trainer.cfg.model.model_dtype,
+        "model_dtype": run.cfg.model.model_dtype,
     }
 
 
@@ -201,13 +202,13 @@ def _resume(suite: Suite) -> dict[str, Any]:
     real = torch.cuda.get_rng_state_all
     torch.cuda.get_rng_state_all = lambda: real() * 4  # type: ignore[assignment]
     try:
-        Trainer(half, model=suite.model, verbose=False).fit()
+        train(half, model=suite.model, verbose=False)
     finally:
         torch.cuda.get_rng_state_all = real  # type: ignore[assignment]
     full = suite.config("resume")
-    trainer = Trainer(full, model=suite.model, verbose=False)
-    resumed_at = trainer.step
-    trainer.fit()
+    run = assemble(full, model=suite.model, verbose=False)
+    resumed_at = run.progress.step
+    train_run(run)
     return {"resumed_at_step": resumed_at, "ok": resumed_at > 0}
 
 
@@ -276,10 +277,10 @@ def _eval_memory(suite: Suite) -> dict[str, Any]:
 def _pinned_buffer(suite: Suite) -> dict[str, Any]:
     cfg = suite.config("pinned", store={"act_store_device": "cpu"})
     with sync_free_steps(suite.device):
-        trainer = Trainer(cfg, model=suite.model, verbose=False)
-        buffer = trainer.stores[0].buffer
+        run = assemble(cfg, model=suite.model, verbose=False)
+        buffer = run.stores[0].buffer
         pinned = next(iter(buffer.acts.values())).is_pinned() if suite.device != "cpu" else None
-        trainer.fit()
+        train_run(run)
     temporaries = _buffer_temporaries(suite)
     rows = RunDir(cfg.out).read_metrics()
     return {
@@ -295,14 +296,14 @@ def _pinned_buffer(suite: Suite) -> dict[str, Any]:
 def _buffer_temporaries(suite: Suite) -> dict[str, Any]:
     """Memory the buffer's shuffle and state_dict allocate on its device, per buffer byte."""
     cfg = suite.config("buffer-memory")
-    trainer = Trainer(cfg, model=suite.model, verbose=False)
-    store = trainer.stores[0]
+    run = assemble(cfg, model=suite.model, verbose=False)
+    store = run.stores[0]
     store.next_batch()
     peak = _peak_bytes(suite.device)
     store.buffer.shuffle()
     store.state_dict()
     ratio = peak() / store.buffer.nbytes
-    store.close()
+    run.close()
     return {"shuffle_and_state_over_buffer": round(ratio, 3)}
 
 
@@ -340,7 +341,7 @@ def _compile_sweep(suite: Suite) -> dict[str, Any]:
             },
             sae={"architecture": "relu"},
         )
-        Trainer(cfg, model=suite.model, verbose=False).fit()
+        train(cfg, model=suite.model, verbose=False)
     finally:
         torch.compile = compile_  # type: ignore[assignment]
         logging.getLogger("torch._dynamo").removeHandler(handler)

@@ -19,9 +19,10 @@ from drrik.config import (  # noqa: E402  (the version must exist before submodu
 )
 from drrik.errors import ConfigError  # noqa: E402
 from drrik.model import load_model  # noqa: E402
+from drrik.pipeline import train  # noqa: E402
 from drrik.sae import SAE, SAEConfig, build_sae, load_sae  # noqa: E402
 from drrik.store import ActivationBatch, ActivationsStore  # noqa: E402
-from drrik.trainer import Trainer, train  # noqa: E402
+from drrik.trainer import Trainer  # noqa: E402
 
 _LAZY = {
     # The first drrik's names (see docs/migrating-from-drrik-0.1.md) and the analysis tools:

@@ -60,11 +60,13 @@ def parse_train_args(argv: list[str]) -> RunConfig:
 
 
 def cmd_train(argv: list[str]) -> int:
-    from drrik.trainer import Trainer, TrainingDiverged, TrainingStopped
+    from drrik.learner import TrainingDiverged
+    from drrik.pipeline import train
+    from drrik.trainer import TrainingStopped
 
     cfg = parse_train_args(argv)
     try:
-        Trainer(cfg).fit()
+        train(cfg)
     except TrainingDiverged as exc:
         print(f"drrik train: {exc}", file=sys.stderr)
         return 1

@@ -55,12 +55,17 @@ def held_out_contexts(
 
 @dataclass
 class EvalTarget:
-    """One SAE to evaluate: where it reads, and the input scale it was trained with."""
+    """One dictionary to evaluate: where it reads and writes, and its training input scale."""
 
     name: str
     hook: str
     sae: SAE
     scale: float = 1.0
+    target_hook: str = ""
+    """The hook its reconstruction replaces; empty means ``hook`` (an SAE)."""
+
+    def __post_init__(self) -> None:
+        self.target_hook = self.target_hook or self.hook
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,7 +168,7 @@ def evaluate(
     """
     device = next(model.parameters()).device
     sums = {t.name: _Sums(t.sae.d_sae) for t in targets}
-    hooks = sorted({t.hook for t in targets})
+    hooks = sorted({h for t in targets for h in (t.hook, t.target_hook)})
     ce_clean, positions = 0.0, 0
     for tokens in contexts:
         tokens = tokens.to(device)
@@ -175,29 +180,58 @@ def evaluate(
         ce_clean += float(_nll(clean_log_probs, next_tokens))
         positions += next_tokens.numel()
         for target in targets:
-            acts = cache[target.hook]
             sae_device = next(target.sae.parameters()).device
+            inputs, acts = cache[target.hook], cache[target.target_hook]
             kept = keep.to(acts.device)
-            x = acts[kept].to(sae_device)
-            feats, x_hat = target.reconstruct(x)
+            feats, x_hat = target.reconstruct(inputs[keep.to(inputs.device)].to(sae_device))
             s = sums[target.name]
-            s.add(x, feats, x_hat)
+            s.add(acts[kept].to(sae_device), feats, x_hat)
             spliced = acts.clone()
             spliced[kept] = x_hat.to(acts.device, acts.dtype)
             del feats, x_hat
-            sae_logits = model.run_with_hooks(tokens, fwd_hooks=[(target.hook, _replace(spliced))])
+            with_sae = model.run_with_hooks(
+                tokens, fwd_hooks=[(target.target_hook, _replace(spliced))]
+            )
             del spliced
-            ce, kl = _ce_and_kl(sae_logits, next_tokens, clean_log_probs)
+            ce, kl = _ce_and_kl(with_sae, next_tokens, clean_log_probs)
             s.ce_sae += ce
             s.kl += kl
-            del sae_logits
+            del with_sae
             ablated = acts.clone()
             ablated[kept] = 0
-            abl_logits = model.run_with_hooks(tokens, fwd_hooks=[(target.hook, _replace(ablated))])
+            abl_logits = model.run_with_hooks(
+                tokens, fwd_hooks=[(target.target_hook, _replace(ablated))]
+            )
             del ablated
             s.ce_ablated += _ce_and_kl(abl_logits, next_tokens, None)[0]
             del abl_logits
     return _finish(sums, ce_clean, positions, dense_threshold)
+
+
+@dataclass
+class Evaluator:
+    """A run's held-out evaluation: the model, contexts fixed for the whole run, and the
+    token ids whose positions are not evaluated."""
+
+    model: Any
+    contexts: list[torch.Tensor]
+    exclude_ids: torch.Tensor
+    dense_threshold: float = 0.1
+
+    def __call__(
+        self, targets: list[EvalTarget]
+    ) -> tuple[dict[str, dict[str, float]], dict[str, torch.Tensor]]:
+        """:func:`evaluate` of ``targets``, their dictionaries in eval mode meanwhile."""
+        modes = [t.sae.training for t in targets]
+        for target in targets:
+            target.sae.eval()
+        try:
+            return evaluate(
+                self.model, targets, self.contexts, self.exclude_ids, self.dense_threshold
+            )
+        finally:
+            for target, mode in zip(targets, modes, strict=True):
+                target.sae.train(mode)
 
 
 def _finish(

@@ -87,13 +87,13 @@ elif where == "checkpoint":  # the first file of step N's checkpoint written, no
 
     torch.save = paused_save
 elif where == "finish":  # after the last checkpoint, before the final SAE is saved
-    finish = drrik.trainer.Trainer.finish
+    export_run = drrik.pipeline.export_run
 
-    def paused_finish(self):
+    def paused_export(*args):
         pause()
-        return finish(self)
+        return export_run(*args)
 
-    drrik.trainer.Trainer.finish = paused_finish
+    drrik.pipeline.export_run = paused_export
 sys.exit(main(sys.argv[1:]))
 """
 

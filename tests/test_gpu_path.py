@@ -35,14 +35,16 @@ from test_trainer import run_config as trainer_run_config
 
 import drrik.model
 import drrik.rng
+from drrik.assemble import assemble
 from drrik.config import RunConfig
 from drrik.distributed import Distributed
 from drrik.errors import ConfigError
 from drrik.evaluate import EvalTarget, evaluate
+from drrik.learner import Learner
 from drrik.mixing_buffer import MixingBuffer
+from drrik.pipeline import train, train_run
 from drrik.sae import SAEConfig, build_sae
 from drrik.store import ActivationsStore
-from drrik.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -76,18 +78,18 @@ def job(tiny_model: Any, tiny_model_dir: Path, docs: Dataset, tmp_path_factory: 
         eval={"eval_every_tokens": global_batch * 4},
         checkpoint={"checkpoint_every_tokens": global_batch * 4},
     )
-    train_step = Trainer._train_step
+    train_step = Learner.step
 
-    def watched(self: Trainer, *args: Any) -> None:
+    def watched(self: Learner, *args: Any) -> None:
         before = len(host.from_python)
         train_step(self, *args)
         result.from_python_in_steps += host.from_python[before:]
 
     with pytest.MonkeyPatch.context() as mp:
         dist.install(mp)
-        mp.setattr(Trainer, "_train_step", watched)
+        mp.setattr(Learner, "step", watched)
         with host:
-            Trainer(cfg, model=tiny_model, dataset=docs, verbose=False).fit()
+            train(cfg, model=tiny_model, dataset=docs, verbose=False)
     return result
 
 
@@ -105,7 +107,7 @@ def test_checkpoints_gather_names_and_checksums_not_buffers(job: _Job) -> None:
     manifest = json.loads((latest / "manifest.json").read_text())
     assert set(manifest["files"]) == {"state.pt", "store-00000.pt"}
     state = torch.load(latest / "state.pt", weights_only=True)
-    assert state["stores"] == {} and state["store_parts"][0] == "store-00000.pt"
+    assert "stores" not in state and state["store_parts"][0] == "store-00000.pt"
     assert not list((job.out / "checkpoints").glob(".parts-*"))
 
 
@@ -323,7 +325,7 @@ def test_model_n_devices_is_refused_under_torchrun(
     CheckedDistributed().install(monkeypatch)
     cfg = run_config(tmp_path, tiny_model_dir, model={"model_n_devices": 2})
     with pytest.raises(ConfigError, match="model_n_devices=2.*single-process"):
-        Trainer(cfg, verbose=False)
+        assemble(cfg, verbose=False)
 
 
 # -- rank 0's long final work under a short collective timeout (item 5, real gloo) ----------
@@ -331,16 +333,15 @@ def test_model_n_devices_is_refused_under_torchrun(
 _SLOW_FINISH = """
 import sys, time
 from drrik import cli
-from drrik.trainer import Trainer
+from drrik import pipeline
 
-finish = Trainer.finish
+export_run = pipeline.export_run
 
-def slow_finish(self):
-    if self.dist.is_main:
-        time.sleep(15)  # longer than the training group's 6 s timeout
-    return finish(self)
+def slow_export(*args):
+    time.sleep(15)  # rank 0 only: longer than the training group's 6 s timeout
+    return export_run(*args)
 
-Trainer.finish = slow_finish
+pipeline.export_run = slow_export
 sys.exit(cli.main(sys.argv[1:]))
 """
 
@@ -377,9 +378,9 @@ def test_dead_feature_losses_run_only_when_a_feature_can_be_dead(
     AuxK densely on every step; the trainer now passes no mask while its host-side bound on
     tokens-since-fired shows none can be dead."""
     cfg = run_config(tmp_path, tiny_model_dir, trainer={"dead_feature_window": window})
-    trainer = Trainer(cfg, model=tiny_model, dataset=docs, verbose=False)
+    run = assemble(cfg, model=tiny_model, dataset=docs, verbose=False)
     masks: list[torch.Tensor | None] = []
-    slot = trainer.slots[0]
+    slot = run.learners[0]
     forward = slot.forward
 
     def spy(x: torch.Tensor, coefficient: Any, dead: torch.Tensor | None) -> Any:
@@ -387,7 +388,7 @@ def test_dead_feature_losses_run_only_when_a_feature_can_be_dead(
         return forward(x, coefficient, dead)
 
     slot.forward = spy
-    trainer.fit()
+    train_run(run)
     passed = [mask is not None for mask in masks]
     if window == 0:
         assert all(passed)

@@ -21,6 +21,7 @@ from datasets import Dataset
 from safetensors.torch import load_file
 
 import drrik
+from drrik.assemble import assemble
 from drrik.config import (
     CheckpointConfig,
     DataConfig,
@@ -30,10 +31,12 @@ from drrik.config import (
     StoreConfig,
     TrainerConfig,
 )
-from drrik.evaluate import EvalTarget, evaluate
+from drrik.evaluate import EvalTarget
+from drrik.learner import Learner, TrainingDiverged
+from drrik.pipeline import train, train_run
+from drrik.run import Run
 from drrik.run_dir import RunDir
 from drrik.sae import SAEConfig, TopKSAE, build_sae
-from drrik.trainer import Trainer, TrainingDiverged
 
 HOOK = "blocks.1.hook_resid_post"
 HOOK2 = "blocks.2.hook_resid_post"
@@ -78,9 +81,9 @@ def run_config(out: Path, model_dir: Path, **sections: dict[str, Any]) -> RunCon
     )
 
 
-def fit(cfg: RunConfig, model: Any, dataset: Dataset) -> tuple[Trainer, dict[str, Any]]:
-    trainer = Trainer(cfg, model=model, dataset=dataset, verbose=False)
-    return trainer, trainer.fit()
+def fit(cfg: RunConfig, model: Any, dataset: Dataset) -> tuple[Run, dict[str, Any]]:
+    run = assemble(cfg, model=model, dataset=dataset, verbose=False)
+    return run, train_run(run)
 
 
 def final_weights(run: Path) -> dict[str, torch.Tensor]:
@@ -91,7 +94,7 @@ def final_weights(run: Path) -> dict[str, torch.Tensor]:
 class Trained:
     """The module's main run: a trainer after ``fit``, its config and its final metrics."""
 
-    trainer: Trainer
+    run: Run
     cfg: RunConfig
     metrics: dict[str, float]
     out: Path
@@ -116,16 +119,12 @@ def test_training_learns(trained: Trained) -> None:
     assert all(r["l0"] == 8 for r in rows), "topk fires exactly k features per token"
 
     # An untrained SAE from the same seed, evaluated on the same held-out contexts.
-    trainer = trained.trainer
+    run = trained.run
+    assert run.evaluator is not None
     torch.manual_seed(trained.cfg.trainer.seed)
-    untrained = build_sae(trainer.slots[0].sae.cfg)
-    scale = trainer.slots[0].scale
-    before, _ = evaluate(
-        trainer.model,
-        [EvalTarget("untrained", HOOK, untrained.eval(), scale)],
-        trainer.eval_contexts,
-        trainer.stores[0].exclude,
-    )
+    untrained = build_sae(run.learners[0].sae.cfg)
+    scale = run.learners[0].scale
+    before, _ = run.evaluator([EvalTarget("untrained", HOOK, untrained, scale)])
     after = trained.metrics
     assert after["explained_variance"] > 0.35
     assert after["explained_variance"] > before["untrained"]["explained_variance"] + 0.3
@@ -135,9 +134,12 @@ def test_training_learns(trained: Trained) -> None:
 def test_run_directory_has_config_metrics_and_final_sae(trained: Trained) -> None:
     out, cfg = trained.out, trained.cfg
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    expected = cfg.to_dict()
+    expected = trained.run.cfg.to_dict()
     expected.pop("out")
     assert saved == expected
+    # The config saved is the one used, resolved; the caller's is left as it was.
+    assert saved["distributed"]["data_shards"] == 1 and saved["model"]["model_dtype"] == "bfloat16"
+    assert cfg.distributed.data_shards == 0 and cfg.model.model_dtype == "auto"
     assert RunConfig.from_dict(saved).trainer.training_tokens == BATCH * STEPS
 
     rows = RunDir(out).read_metrics()
@@ -162,9 +164,10 @@ def test_saved_sae_reproduces_trainer_sae_on_raw_activations(
     trained: Trained, tiny_model: Any
 ) -> None:
     """The trainer's SAE sees activations times ``scale``; the saved one has it folded in."""
-    slot = trained.trainer.slots[0]
+    slot = trained.run.learners[0]
     assert slot.scale != pytest.approx(1.0, abs=1e-3), "the fold would not be tested"
-    tokens = torch.cat(trained.trainer.eval_contexts)
+    assert trained.run.evaluator is not None
+    tokens = torch.cat(trained.run.evaluator.contexts)
     _, cache = tiny_model.run_with_cache(tokens, names_filter=[HOOK])
     x = cache[HOOK].reshape(-1, 64)[:200].float()
     slot.sae.eval()
@@ -212,10 +215,10 @@ def test_two_hooks_and_a_sweep_train_four_saes_from_one_stream(
         model={"hook": f"{HOOK},{HOOK2}"},
         trainer={"sweep": "k=4,8", "training_tokens": BATCH * steps},
     )
-    trainer, metrics = fit(cfg, tiny_model, docs)
+    run, metrics = fit(cfg, tiny_model, docs)
     names = [f"{hook}__k={k}" for hook in (HOOK, HOOK2) for k in (4, 8)]
     assert sorted(metrics) == sorted(names)
-    assert len(trainer.stores) == 1, "one activations stream feeds every SAE"
+    assert len(run.stores) == 1, "one activations stream feeds every SAE"
     for name in names:
         hook, k = name.split("__k=")
         sae = drrik.load_sae(tmp_path / "final" / name)
@@ -239,23 +242,24 @@ def test_nan_loss_stops_the_run_naming_the_step_and_saves_nothing_after(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     bad_step = 7  # the 7th step sees NaN inputs; it is logged (and found) at step 8
-    train_step = Trainer._train_step
+    train_step = Learner.step
 
-    def poisoned(self: Trainer, slot: Any, acts: torch.Tensor, coefficient: float) -> None:
-        if self.step + 1 == bad_step:
-            acts = acts * float("nan")
-        train_step(self, slot, acts, coefficient)
+    def poisoned(
+        self: Learner, acts: dict[str, torch.Tensor], warm_up: float, step: int, *rest: Any
+    ) -> None:
+        if step == bad_step:
+            acts = {hook: x * float("nan") for hook, x in acts.items()}
+        train_step(self, acts, warm_up, step, *rest)
 
-    monkeypatch.setattr(Trainer, "_train_step", poisoned)
+    monkeypatch.setattr(Learner, "step", poisoned)
     cfg = run_config(
         tmp_path,
         tiny_model_dir,
         trainer={"training_tokens": BATCH * 16, "log_every_steps": 4},
         checkpoint={"checkpoint_every_tokens": BATCH * 4},
     )
-    trainer = Trainer(cfg, model=tiny_model, dataset=docs, verbose=False)
     with pytest.raises(TrainingDiverged, match=f"NaN or Inf at step {bad_step};"):
-        trainer.fit()
+        train(cfg, model=tiny_model, dataset=docs, verbose=False)
     assert not (tmp_path / "final").exists()
     checkpoints = sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*"))
     assert checkpoints == ["step-0000000004"]

@@ -22,7 +22,7 @@ import argparse
 from drrik.config import DataConfig, EvalConfig, ModelConfig, RunConfig, StoreConfig, TrainerConfig
 from drrik.run_dir import RunDir
 from drrik.sae import SAEConfig
-from drrik.trainer import train
+from drrik.pipeline import train
 
 
 def main() -> None:

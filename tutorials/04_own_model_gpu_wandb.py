@@ -37,7 +37,7 @@ from drrik.config import (
 )
 from drrik.report import write_report
 from drrik.sae import SAEConfig
-from drrik.trainer import train
+from drrik.pipeline import train
 from drrik.wandb_logging import WandbConfig, WandbLogger
 
 

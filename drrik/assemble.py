@@ -1,0 +1,144 @@
+"""Assemble a run from its config: processes, model, data, stores, dictionaries, resume.
+
+:func:`assemble` does everything that comes before the first training step and nothing after
+it. The pieces it returns (a :class:`Run`) are what :class:`~drrik.trainer.Trainer` trains
+and :func:`~drrik.export.export_run` saves; each can also be built by hand, as the trainer's
+unit tests build a run from a stand-in store and no model.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from drrik.checkpoint import CheckpointManager
+from drrik.config import RunConfig
+from drrik.data import ContextStream, load_source
+from drrik.distributed import Distributed
+from drrik.errors import require
+from drrik.evaluate import Evaluator, held_out_contexts
+from drrik.learner import Learner
+from drrik.logs import get_logger
+from drrik.model import load_model, resolve_dtype, use_tf32_matmuls
+from drrik.rng import seed_everything
+from drrik.run import Run, restore
+from drrik.run_dir import RunDir, default_run_name
+from drrik.store import ActivationsStore
+
+log = get_logger(__name__)
+
+
+def resolved_config(cfg: RunConfig, dist: Distributed) -> RunConfig:
+    """A copy of ``cfg`` as this run uses and saves it: 0 data shards means one per process,
+    auto dtype the one this hardware gets (so a resume elsewhere keeps it). The caller's
+    config is left as it was."""
+    cfg = copy.deepcopy(cfg)
+    cfg.distributed.data_shards = cfg.distributed.data_shards or dist.world_size
+    cfg.model.model_dtype = resolve_dtype(cfg.model.model_dtype, cfg.model.device)
+    cfg.out = cfg.out or default_run_name(cfg)
+    return cfg
+
+
+def assemble(
+    cfg: RunConfig, *, model: Any = None, dataset: Any = None, verbose: bool = True
+) -> Run:
+    """Build the run ``cfg`` describes; ``model`` and ``dataset`` replace loading them.
+
+    Everything that can be refused is checked before the model loads: the process layout, the
+    run directory (another config's run, or one in use), the wandb mode and the dataset.
+    """
+    dist = Distributed.from_environment(
+        cfg.model.device, cfg.distributed.distributed_timeout_minutes
+    )
+    require(
+        not (dist.enabled and cfg.model.model_n_devices > 1),
+        "model_n_devices",
+        cfg.model.model_n_devices,
+        "spreading the model over GPUs is a single-process layout; run it without torchrun",
+    )
+    require(
+        bool(cfg.out) or not dist.enabled,
+        "out",
+        cfg.out,
+        "name the run directory (--out) when training with several processes",
+    )
+    cfg = resolved_config(cfg, dist)
+    run_dir = RunDir(cfg.out)
+    run_dir.check_reusable(cfg)
+    cfg.wandb.resolved_mode()  # a bad WANDB_MODE fails before the model loads
+    seed_everything(cfg.trainer.seed)
+    device = dist.device(cfg.model.device)
+    dataset = dataset if dataset is not None else load_source(cfg.data)
+    use_tf32_matmuls(device)
+    model = load_model(
+        model if model is not None else cfg.model.model,
+        device=device,
+        dtype=cfg.model.model_dtype,
+        n_devices=cfg.model.model_n_devices,
+    )
+    specs = cfg.dictionaries()
+    hooks = list(dict.fromkeys(h for spec in specs for h in spec.hooks))
+    shards = dist.local_shards(cfg.distributed.data_shards)
+    stores = [
+        ActivationsStore(
+            model,
+            hooks,
+            cfg.data,
+            cfg.store,
+            dataset=dataset,
+            device=device,
+            seed=cfg.trainer.seed + shard,
+            shard=(shard, cfg.distributed.data_shards),
+            verbose=verbose and dist.is_main and i == 0,
+        )
+        for i, shard in enumerate(shards)
+    ]
+    evaluator = _evaluator(cfg, model, dataset, stores[0].exclude) if dist.is_main else None
+    dist.wait_for_main()  # rank 0 read its held-out contexts alone
+    run = Run(
+        cfg,
+        dist,
+        run_dir,
+        stores,
+        shards,
+        [],
+        CheckpointManager(run_dir.path, cfg.checkpoint.keep_checkpoints),
+        evaluator,
+        model,
+        verbose=verbose and dist.is_main,
+    )
+    d_in = stores[0].d_in
+    for i, spec in enumerate(specs):
+        torch.manual_seed(cfg.trainer.seed + i)
+        sized = replace(spec, sae=replace(spec.sae, d_in=d_in[spec.input_hook]))
+        run.learners.append(Learner.build(sized, cfg.trainer, run.total_steps, device))
+    if restore(run):
+        if run.verbose:
+            log.info(
+                f"resuming {run_dir.path} from checkpoint step {run.progress.step} "
+                f"({run.progress.tokens:,} tokens done)"
+            )
+    else:
+        for learner in run.learners:
+            learner.initialize(stores, dist)
+    if dist.is_main:
+        run_dir.write_config(cfg)
+        # Rows logged after the checkpoint resumed from (or by an attempt killed before its
+        # first one) come again.
+        run_dir.truncate_metrics(after_step=run.progress.step)
+    return run
+
+
+def _evaluator(cfg: RunConfig, model: Any, train_dataset: Any, exclude: torch.Tensor) -> Evaluator:
+    """The held-out evaluation, on contexts fixed for the whole run: the eval split, or the
+    rows the training stream skips."""
+    if cfg.data.eval_split:
+        dataset, holdout = load_source(cfg.data, cfg.data.eval_split), "all"
+    else:
+        dataset, holdout = train_dataset, "eval"
+    stream = ContextStream(dataset, model.tokenizer, cfg.data, holdout=holdout, cycle=False)
+    contexts = held_out_contexts(stream, cfg.eval.eval_contexts, cfg.eval.eval_batch_size_prompts)
+    return Evaluator(model, contexts, exclude, cfg.eval.dense_threshold)

@@ -1,0 +1,79 @@
+"""Export: a trained run's dictionaries saved for use, with their plots and artifacts.
+
+Each dictionary is copied, its input scale folded in (so it reads raw activations), and saved
+in SAELens's layout under ``final/`` (``final/<name>/`` when the run trained several), with its
+held-out metrics and feature densities. The training curves and density plots go to
+``plots/``; wandb gets the histograms, the images and, if asked, each saved directory as an
+artifact. Rank 0 only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from drrik.learner import Learner
+from drrik.logs import get_logger
+from drrik.plots import plot_feature_density, plot_training_curves
+from drrik.run import Run
+from drrik.sae import build_sae
+from drrik.wandb_logging import WandbLogger
+
+log = get_logger(__name__)
+
+Metrics = dict[str, dict[str, float]]
+
+
+def final_dir(run: Run, learner: Learner) -> Path:
+    """Where ``learner``'s dictionary is saved."""
+    final = run.run_dir.final_path
+    return final if len(run.learners) == 1 else final / learner.name
+
+
+def metadata(run: Run, learner: Learner, metrics: dict[str, float]) -> dict[str, object]:
+    """The saved dictionary's ``cfg.json`` metadata: where it reads, on what data."""
+    cfg = run.cfg
+    return {
+        "model_name": cfg.model.model,
+        "hook_name": learner.spec.input_hook,
+        **({} if learner.spec.same_hook else {"hook_name_out": learner.spec.target_hook}),
+        "context_size": cfg.data.context_size,
+        "prepend_bos": cfg.data.prepend_bos,
+        "dataset_path": cfg.data.dataset,
+        "training_tokens": run.progress.tokens,
+        "eval": metrics,
+    }
+
+
+def export_run(
+    run: Run, metrics: Metrics, densities: dict[str, torch.Tensor], logger: WandbLogger
+) -> None:
+    """Save every dictionary of ``run`` with its final ``metrics`` and ``densities``."""
+    plots = run.run_dir.path / "plots"
+    tokens = run.progress.tokens
+    several = len(run.learners) > 1
+    images = {
+        "training_curves": plot_training_curves(
+            run.run_dir.read_metrics(), plots / "training_curves.png"
+        )
+    }
+    for learner in run.learners:
+        sae = build_sae(learner.sae.cfg, device=learner.sae.W_dec.device)
+        sae.load_state_dict(learner.sae.state_dict())
+        sae.fold_activation_scale(learner.scale)
+        sparsity = torch.log10(densities[learner.name] + 1e-10)
+        path = sae.save(
+            final_dir(run, learner),
+            sparsity=sparsity,
+            metadata=metadata(run, learner, metrics[learner.name]),
+        )
+        prefix = f"{learner.name}/" if several else ""
+        logger.log_histogram(f"{prefix}log10_feature_density", sparsity, tokens)
+        logger.log_artifact(path, f"sae-{learner.name or 'final'}".replace("=", "-"))
+        images[f"{prefix}feature_density"] = plot_feature_density(
+            densities[learner.name],
+            plots / f"feature_density{'-' + learner.name if several else ''}.png",
+            run.cfg.eval.dense_threshold,
+        )
+    logger.log_images(images, tokens)

@@ -1,0 +1,271 @@
+"""One dictionary in training: its parameters, optimizer, schedules, metric sums and state.
+
+The trainer owns the loop and the clock; a :class:`Learner` owns everything that belongs to a
+single dictionary: its step (forward, backward, gradient average across ranks, clipping,
+decoder constraint, optimizer and scheduler), its dead-feature tracking and resampling, the
+metric sums kept on device between logging steps, and its part of a checkpoint. Nothing here
+reads a value back to the host except :meth:`Learner.check_and_average`, at logging steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from drrik.config import TrainerConfig
+from drrik.distributed import Distributed
+from drrik.errors import require
+from drrik.evaluate import EvalTarget
+from drrik.geometric_median import geometric_median
+from drrik.sae import SAE, DeadFeatureTracker, build_sae, resample_dead_features
+from drrik.sae.spec import DictionarySpec
+from drrik.schedules import build_lr_scheduler
+
+GEOMETRIC_MEDIAN_SAMPLES = 8192
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or Inf; the run stops before anything is saved."""
+
+
+def batch_explained_variance(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """1 - ||x - x_hat||^2 / ||x - mean(x)||^2 over a batch, as a device scalar."""
+    residual = (x - x_hat.to(x.dtype)).pow(2).sum()
+    total = (x - x.mean(0, keepdim=True)).pow(2).sum().clamp_min(1e-12)
+    return 1.0 - residual / total
+
+
+def at_least(value: float) -> int:
+    """An int no smaller than a count read back as float32 (which rounds above 2**24)."""
+    return math.ceil(value * (1 + 2**-22)) + 1
+
+
+@dataclass
+class Learner:
+    """A dictionary with its optimizer, LR schedule, dead-feature tracker and metric sums."""
+
+    spec: DictionarySpec
+    sae: SAE
+    optimizer: torch.optim.Adam
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    tracker: DeadFeatureTracker
+    cfg: TrainerConfig
+    scale: float = 1.0
+    """Input scale (expected_average_only_in), folded into the dictionary at export."""
+    forward: Any = None
+    """``sae.training_forward``, compiled with ``--compile-sae``."""
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    nonfinite_step: torch.Tensor | None = None
+    """First step with a NaN/Inf loss, -1 if none (on device)."""
+    idle_bound: int = 0
+    """Host-side upper bound on the tokens since any feature fired: below the dead-feature
+    window no feature can be dead, so the step skips the dead-feature losses without asking
+    the device (on a GPU, asking would synchronize every step)."""
+
+    @classmethod
+    def build(
+        cls, spec: DictionarySpec, cfg: TrainerConfig, total_steps: int, device: torch.device
+    ) -> Learner:
+        """A fresh dictionary for ``spec`` (its ``d_in`` filled); seed torch first."""
+        sae = build_sae(spec.sae, device=device).train()
+        optimizer = torch.optim.Adam(
+            sae.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2)
+        )
+        return cls(
+            spec,
+            sae,
+            optimizer,
+            build_lr_scheduler(
+                optimizer,
+                name=cfg.lr_scheduler_name,
+                total_steps=total_steps,
+                warmup_steps=cfg.lr_warm_up_steps,
+                decay_steps=cfg.lr_decay_steps,
+                lr_end_fraction=cfg.lr_end_fraction,
+                n_restart_cycles=cfg.n_restart_cycles,
+            ),
+            DeadFeatureTracker(sae.d_sae, device=device),
+            cfg,
+            forward=torch.compile(sae.training_forward) if cfg.compile_sae else None,
+        )
+
+    def __post_init__(self) -> None:
+        if self.forward is None:
+            self.forward = self.sae.training_forward
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def _inputs(self, acts: dict[str, torch.Tensor]) -> torch.Tensor:
+        return acts[self.spec.input_hook].to(self.sae.W_dec.dtype) * self.scale
+
+    @torch.no_grad()
+    def initialize(self, samples: list[Any], dist: Distributed) -> None:
+        """Input scale and b_dec from real activations of every local store.
+
+        The scale averages every shard's estimate; b_dec comes from shard 0 and is broadcast,
+        so all ranks start from the same dictionary.
+        """
+        hook = self.spec.input_hook
+        if self.cfg.normalize_activations == "expected_average_only_in":
+            local = sum(store.norm_scaling_factor(hook) for store in samples) / len(samples)
+            total = torch.tensor(local, dtype=torch.float64, device=self.sae.W_dec.device)
+            self.scale = float(dist.average_(total))
+        if self.cfg.b_dec_init_method != "zeros" and dist.is_main:
+            sample = samples[0].sample(hook, GEOMETRIC_MEDIAN_SAMPLES) * self.scale
+            mean = self.cfg.b_dec_init_method == "mean"
+            center = sample.mean(0) if mean else geometric_median(sample)
+            self.sae.b_dec.copy_(center.to(self.sae.b_dec))
+        dist.broadcast_(list(self.sae.parameters()))
+
+    def step(
+        self,
+        acts: dict[str, torch.Tensor],
+        sparsity_warm_up: float,
+        step: int,
+        batch_size: int,
+        dist: Distributed,
+    ) -> None:
+        """One optimizer step on this rank's batch; ``sparsity_warm_up`` scales the sparsity
+        coefficient (0 to 1 during the L1 warm-up), ``batch_size`` counts every rank."""
+        x = self._inputs(acts)
+        window = self.cfg.dead_feature_window
+        dead = self.tracker.dead_mask(window) if self.idle_bound >= window else None
+        device_type = x.device.type
+        autocast = (
+            torch.autocast(device_type, dtype=torch.bfloat16)
+            if self.cfg.autocast
+            else contextlib.nullcontext()
+        )
+        with autocast:
+            out = self.forward(x, sparsity_warm_up * self.sae.cfg.l1_coefficient, dead)
+        out.loss.backward()
+        params = list(self.sae.parameters())
+        dist.average_gradients(params)
+        if self.cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+        self.sae.remove_parallel_decoder_grad()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.sae.normalize_decoder_rows()
+        self.scheduler.step()
+        with torch.no_grad():
+            fired = out.fired()
+            if dist.enabled:
+                fired = dist.max_(fired.to(torch.uint8)).bool()
+                for buffer in self.sae.buffers():  # e.g. BatchTopK's learned threshold
+                    if buffer.is_floating_point():
+                        dist.average_(buffer)
+        self.tracker.record(fired, batch_size)
+        self.idle_bound += batch_size
+        finite = torch.isfinite(out.loss)
+        # Numbered as metrics rows. A fill, not torch.tensor(step): that copies from the host
+        # and waits for the copy, once per dictionary and step.
+        number = torch.full((), step, dtype=torch.long, device=finite.device)
+        if self.nonfinite_step is None:
+            self.nonfinite_step = torch.full_like(number, -1)
+        first_bad = (~finite) & (self.nonfinite_step < 0)
+        self.nonfinite_step = torch.where(first_bad, number, self.nonfinite_step)
+        self._accumulate(
+            {
+                "loss": out.loss,
+                **out.losses,
+                "l0": out.l0(),
+                "explained_variance": batch_explained_variance(x, out.x_hat),
+                "steps": torch.ones((), device=finite.device),
+            }
+        )
+
+    def _accumulate(self, values: dict[str, torch.Tensor]) -> None:
+        for key, value in values.items():
+            value = value.detach().float()
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
+
+    @torch.no_grad()
+    def resample(self, acts: dict[str, torch.Tensor], dist: Distributed) -> None:
+        """Resample dead features on this rank's inputs and give every rank rank 0's result."""
+        dead = self.tracker.dead_mask(self.cfg.dead_feature_window)
+        resample_dead_features(self.sae, self.optimizer, dead, self._inputs(acts))
+        self.tracker.tokens_since_fired.masked_fill_(dead, 0)
+        # Not Adam's ``step``: a host scalar (NCCL takes none), equal on every rank anyway.
+        moments = [
+            v
+            for state in self.optimizer.state.values()
+            for k, v in state.items()
+            if isinstance(v, torch.Tensor) and k != "step"
+        ]
+        dist.broadcast_(list(self.sae.parameters()) + moments)
+
+    # -- logging -----------------------------------------------------------------------------
+    def pending(self) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        """(metric names, their sums, [first bad step, dead count, max idle]) on device, for
+        the trainer to fetch every learner's in one transfer."""
+        names = sorted(self.sums)
+        window = self.cfg.dead_feature_window
+        assert self.nonfinite_step is not None, "pending() before the first step"
+        flags = torch.stack(
+            [
+                self.nonfinite_step.float(),
+                self.tracker.dead_mask(window).sum().float(),
+                self.tracker.tokens_since_fired.max().float(),
+            ]
+        )
+        return names, torch.stack([self.sums[k] for k in names]), flags
+
+    def row(
+        self, names: list[str], sums: list[float], flags: list[float], sparsity_warm_up: float
+    ) -> dict[str, Any]:
+        """This learner's metrics row from fetched sums; raises if the loss diverged."""
+        bad_step, dead, idle = flags
+        self.idle_bound = at_least(idle)
+        if bad_step >= 0:
+            raise TrainingDiverged(
+                f"SAE {self.name}: the loss became NaN or Inf at step {int(bad_step)}; nothing "
+                "was saved over earlier results. Lower --lr or the sparsity coefficient, or "
+                "keep --max-grad-norm on"
+            )
+        values = dict(zip(names, sums, strict=True))
+        steps = values.pop("steps")
+        self.sums = {}
+        return {
+            "sae": self.name,
+            "lr": self.scheduler.get_last_lr()[0],
+            "sparsity_coefficient": sparsity_warm_up * self.sae.cfg.l1_coefficient,
+            "dead_features": int(dead),
+            **{k: v / steps for k, v in values.items()},
+        }
+
+    def eval_target(self) -> EvalTarget:
+        return EvalTarget(
+            self.name, self.spec.input_hook, self.sae, self.scale, self.spec.target_hook
+        )
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "sae": self.sae.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "tracker": self.tracker.state_dict(),
+            "scale": self.scale,
+        }
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        require(
+            self.name == saved["name"],
+            "resume",
+            saved["name"],
+            f"the checkpoint holds another SAE than {self.name!r}; resume with the run's config",
+        )
+        self.sae.load_state_dict(saved["sae"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.tracker.load_state_dict(saved["tracker"])
+        self.idle_bound = at_least(float(self.tracker.tokens_since_fired.max()))
+        self.scale = saved["scale"]
