@@ -20,9 +20,9 @@ from __future__ import annotations
 import argparse
 
 from drrik.config import DataConfig, EvalConfig, ModelConfig, RunConfig, StoreConfig, TrainerConfig
+from drrik.pipeline import train
 from drrik.run_dir import RunDir
 from drrik.sae import SAEConfig
-from drrik.pipeline import train
 
 
 def main() -> None:

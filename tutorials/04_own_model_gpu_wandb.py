@@ -35,9 +35,9 @@ from drrik.config import (
     StoreConfig,
     TrainerConfig,
 )
+from drrik.pipeline import train
 from drrik.report import write_report
 from drrik.sae import SAEConfig
-from drrik.pipeline import train
 from drrik.wandb_logging import WandbConfig, WandbLogger
 
 
