@@ -21,8 +21,9 @@ import torch
 
 from drrik.config import DataConfig, StoreConfig
 from drrik.data import AnyDataset, ContextStream, load_source
+from drrik.dtypes import torch_dtype
 from drrik.mixing_buffer import MixingBuffer
-from drrik.model import check_context_size, check_hooks, hook_dims, run_hooks, torch_dtype
+from drrik.model import check_context_size, check_hooks, hook_dims, run_hooks
 
 
 def map_tensors(obj: Any, fn: Any) -> Any:
@@ -120,7 +121,7 @@ class ActivationsStore:
         dtype = (
             model_dtype
             if store_cfg.buffer_dtype == "model"
-            else torch_dtype(store_cfg.buffer_dtype)
+            else torch_dtype(store_cfg.buffer_dtype, "buffer_dtype")
         )
         buffer_device = self._buffer_device()
         self.buffer = MixingBuffer(
