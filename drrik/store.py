@@ -22,8 +22,11 @@ import torch
 from drrik.config import DataConfig, StoreConfig
 from drrik.data import AnyDataset, ContextStream, load_source
 from drrik.dtypes import torch_dtype
+from drrik.logs import get_logger
 from drrik.mixing_buffer import MixingBuffer
 from drrik.model import check_context_size, check_hooks, hook_dims, run_hooks
+
+log = get_logger(__name__)
 
 
 def map_tensors(obj: Any, fn: Any) -> Any:
@@ -143,7 +146,7 @@ class ActivationsStore:
         self._prefetch: _Prefetcher | None = None
         self.tokens_seen = 0  # model-forward tokens, special positions included
         if verbose:
-            print(self.describe())
+            log.info(self.describe())
 
     def _buffer_device(self) -> torch.device:
         where = self.store_cfg.act_store_device
