@@ -11,6 +11,7 @@ resumed run sees the same batches.
 from __future__ import annotations
 
 import copy
+import math
 import queue
 import threading
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ import torch
 from drrik.config import DataConfig, StoreConfig
 from drrik.data import AnyDataset, ContextStream, load_source
 from drrik.dtypes import torch_dtype
+from drrik.errors import require
 from drrik.logs import get_logger
 from drrik.mixing_buffer import MixingBuffer
 from drrik.model import check_context_size, check_hooks, hook_dims, run_hooks
@@ -243,8 +245,15 @@ class ActivationsStore:
 
     def norm_scaling_factor(self, hook: str, n: int = 65536) -> float:
         """sqrt(d_in) / E||x||: scales activations to an expected norm of sqrt(d_in)."""
-        acts = self.sample(hook, n)
-        return float(self.d_in[hook] ** 0.5 / acts.norm(dim=-1).mean())
+        mean_norm = float(self.sample(hook, n).norm(dim=-1).mean())
+        require(
+            math.isfinite(mean_norm) and mean_norm > 0,
+            "hook",
+            hook,
+            f"its activations have no usable scale (mean norm {mean_norm}); use another hook, "
+            "or a wider model dtype if they overflow",
+        )
+        return self.d_in[hook] ** 0.5 / mean_norm
 
     # -- resuming ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -574,8 +574,9 @@ def test_fold_activation_scale_is_exact(architecture: str, apply_b_dec: bool) ->
         torch.testing.assert_close(sae(x), expected, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(sae.encode(x), expected_acts, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(sae.W_dec.norm(dim=1), norms)  # decoder rows keep norms
-    with pytest.raises(ConfigError):
+    with pytest.raises(ValueError, match="finite scale > 0") as err:  # a caller's bug
         sae.fold_activation_scale(0.0)
+    assert not isinstance(err.value, ConfigError)
 
 
 # ---- saving --------------------------------------------------------------------------------

@@ -244,7 +244,9 @@ def test_exclude_special_tokens(tiny_model: Any, text_dataset: Dataset) -> None:
     everything.close()
 
 
-def test_norm_scaling_factor(tiny_model: Any, text_dataset: Dataset) -> None:
+def test_norm_scaling_factor(
+    tiny_model: Any, text_dataset: Dataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
     store = _store(tiny_model, text_dataset)
     factor = store.norm_scaling_factor(HOOK, n=CAPACITY)
     ref, _ = _direct(tiny_model, text_dataset, N_BUF)  # exactly the first fill's rows
@@ -253,6 +255,8 @@ def test_norm_scaling_factor(tiny_model: Any, text_dataset: Dataset) -> None:
     assert factor == pytest.approx(expected, rel=1e-4)
     scaled = store.sample(HOOK, CAPACITY) * factor
     assert scaled.norm(dim=-1).mean().item() == pytest.approx(d**0.5, rel=1e-4)
+    monkeypatch.setattr(store, "sample", lambda hook, n: torch.zeros(n, d))  # a dead hook
+    assert "no usable scale" in _config_error("hook", store.norm_scaling_factor, HOOK)
     store.close()
 
 

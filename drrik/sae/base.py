@@ -24,7 +24,6 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from drrik.errors import require
 from drrik.sae import saving
 from drrik.sae.config import SAEConfig
 from drrik.sae.registry import ARCHITECTURES
@@ -229,9 +228,11 @@ class SAE(nn.Module):
         Afterwards ``new(x) == old(x * scale) / scale``. Feature activations shrink by
         ``scale`` (they are now in raw-activation units) while decoder rows keep their norm,
         so a unit-norm decoder stays unit-norm: every encoder bias and threshold is divided by
-        ``scale``, weights stay.
+        ``scale``, weights stay. The caller's scale must be finite and > 0 (the store refuses
+        activations that would give another).
         """
-        require(math.isfinite(scale) and scale > 0, "scale", scale, "use a finite scale > 0")
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"fold_activation_scale needs a finite scale > 0, got {scale!r}")
         self.b_enc.div_(scale)
         self.b_dec.div_(scale)
         self._fold_scale_extras(scale)
