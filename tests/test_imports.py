@@ -41,8 +41,11 @@ def run_python(code: str) -> str:
     return done.stdout
 
 
-def test_import_drrik_loads_no_heavy_library() -> None:
-    loaded = run_python(f"import sys, drrik; print([m for m in {HEAVY!r} if m in sys.modules])")
+def test_import_drrik_and_its_error_type_load_no_heavy_library() -> None:
+    """Tools that only read the version or catch ConfigError start in milliseconds."""
+    loaded = run_python(
+        f"import sys, drrik; drrik.ConfigError; print([m for m in {HEAVY!r} if m in sys.modules])"
+    )
     assert loaded.strip() == "[]"
 
 

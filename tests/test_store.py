@@ -341,7 +341,7 @@ def test_store_refuses_bad_input(
         ("store_batch_size_prompts", {"store_batch_size_prompts": -8}),
         ("mix_fraction", {"mix_fraction": 1.0}),
         ("mix_fraction", {"mix_fraction": -0.1}),
-        ("buffer_dtype", {"buffer_dtype": "float64"}),
+        ("buffer_dtype", {"buffer_dtype": "float8"}),
         ("prefetch_batches", {"prefetch_batches": 0}),
     ],
 )
