@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import importlib.util
 
 try:
     __version__ = importlib.metadata.version("drrik")
@@ -59,10 +60,14 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> object:
-    """Import the module behind a public name on first access, and keep the value."""
-    if name not in _LAZY:
+    """Import the module behind a public name on first access, and keep the value. A
+    submodule (``drrik.sae`` after a bare ``import drrik``) loads the same way."""
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+    elif importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        value = importlib.import_module(f"{__name__}.{name}")
+    else:
         raise AttributeError(f"module 'drrik' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name]), name)
     globals()[name] = value
     return value
 

@@ -60,6 +60,11 @@ def test_a_public_name_loads_its_module_on_first_access() -> None:
     assert out.split() == ["True", "True", "False"]
 
 
+def test_a_submodule_loads_on_first_access() -> None:
+    out = run_python("import sys, drrik\nprint('drrik.paths' in sys.modules, drrik.paths.__name__)")
+    assert out.split() == ["False", "drrik.paths"]
+
+
 def test_version_is_the_installed_distributions() -> None:
     assert drrik.__version__ == importlib.metadata.version("drrik")
 
