@@ -5,28 +5,43 @@ contexts) -> :mod:`drrik.model` (hooked model) -> :mod:`drrik.store` with
 :mod:`drrik.mixing_buffer` (shuffled activations) -> :mod:`drrik.sae` (the SAE family) ->
 :mod:`drrik.trainer` (the loop) -> :mod:`drrik.checkpoint`, :mod:`drrik.evaluate` and
 :mod:`drrik.run_dir` (what a run leaves behind).
+
+Every public name is imported on first use (PEP 562), so ``import drrik`` loads no torch,
+matplotlib or datasets: a tool that only reads ``drrik.__version__`` or one config class
+pays for nothing else.
 """
 
-__version__ = "0.2.0"
+from __future__ import annotations
 
-from drrik.config import (  # noqa: E402  (the version must exist before submodules import it)
-    DataConfig,
-    EvalConfig,
-    ModelConfig,
-    RunConfig,
-    StoreConfig,
-    TrainerConfig,
-)
-from drrik.errors import ConfigError  # noqa: E402
-from drrik.model import load_model  # noqa: E402
-from drrik.pipeline import train  # noqa: E402
-from drrik.sae import SAE, SAEConfig, build_sae, load_sae  # noqa: E402
-from drrik.store import ActivationBatch, ActivationsStore  # noqa: E402
-from drrik.trainer import Trainer  # noqa: E402
+import importlib
+import importlib.metadata
+import importlib.util
+
+try:
+    __version__ = importlib.metadata.version("drrik")
+except importlib.metadata.PackageNotFoundError:  # a source tree on sys.path, not installed
+    __version__ = "0+unknown"
 
 _LAZY = {
-    # The first drrik's names (see docs/migrating-from-drrik-0.1.md) and the analysis tools:
-    # imported on first use, so ``import drrik`` does not load matplotlib.
+    "ConfigError": "drrik.errors",
+    "DataConfig": "drrik.config",
+    "EvalConfig": "drrik.config",
+    "ModelConfig": "drrik.config",
+    "RunConfig": "drrik.config",
+    "StoreConfig": "drrik.config",
+    "TrainerConfig": "drrik.config",
+    "load_model": "drrik.model",
+    "SAE": "drrik.sae",
+    "SAEConfig": "drrik.sae",
+    "build_sae": "drrik.sae",
+    "load_sae": "drrik.sae",
+    "ActivationBatch": "drrik.store",
+    "ActivationsStore": "drrik.store",
+    "Trainer": "drrik.trainer",
+    "train": "drrik.pipeline",
+    "assemble": "drrik.assemble",
+    "export_run": "drrik.export",
+    # The first drrik's names (see docs/migrating-from-drrik-0.1.md) and the analysis tools.
     "SparseAutoencoder": "drrik.compat",
     "FeatureVisualizer": "drrik.compat",
     "ActivationExtractor": "drrik.compat",
@@ -41,33 +56,24 @@ _LAZY = {
     "analyze": "drrik.analysis",
     "write_report": "drrik.report",
 }
+"""Public name -> the module that defines it."""
 
 
 def __getattr__(name: str) -> object:
+    """Import the module behind a public name on first access, and keep the value. A
+    submodule (``drrik.sae`` after a bare ``import drrik``) loads the same way."""
     if name in _LAZY:
-        import importlib
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+    elif importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        value = importlib.import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module 'drrik' has no attribute {name!r}")
+    globals()[name] = value
+    return value
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'drrik' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
 
 
-__all__ = [
-    *_LAZY,
-    "SAE",
-    "ActivationBatch",
-    "ActivationsStore",
-    "ConfigError",
-    "DataConfig",
-    "EvalConfig",
-    "ModelConfig",
-    "RunConfig",
-    "SAEConfig",
-    "StoreConfig",
-    "Trainer",
-    "TrainerConfig",
-    "__version__",
-    "build_sae",
-    "load_model",
-    "load_sae",
-    "train",
-]
+__all__ = ["__version__", *_LAZY]

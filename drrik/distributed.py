@@ -40,6 +40,8 @@ class Distributed:
     """The training group's device: every tensor handed to a collective must be on it."""
     wait_group: Any = None
     """The gloo group (long timeout) for waits on rank 0 and checkpoint metadata."""
+    owns_default_group: bool = False
+    """Whether :meth:`from_environment` started the default group, so :meth:`close` ends it."""
 
     @property
     def is_main(self) -> bool:
@@ -59,7 +61,8 @@ class Distributed:
         placed = cls(rank, world_size, local_rank)
         on_gpu = device.startswith("cuda")
         collective_device = placed.device(device)  # refuses cuda:N before anything starts
-        if not dist.is_initialized():
+        owns_default_group = not dist.is_initialized()
+        if owns_default_group:
             if on_gpu:
                 torch.cuda.set_device(local_rank)
             dist.init_process_group(
@@ -68,7 +71,7 @@ class Distributed:
             )
         timeout = max(MAIN_WORK_TIMEOUT, timedelta(minutes=timeout_minutes))
         wait_group = dist.new_group(backend="gloo", timeout=timeout)
-        return cls(rank, world_size, local_rank, collective_device, wait_group)
+        return cls(rank, world_size, local_rank, collective_device, wait_group, owns_default_group)
 
     def device(self, configured: str) -> torch.device:
         """Under torchrun each rank takes its own GPU: cuda becomes cuda:LOCAL_RANK.
@@ -156,5 +159,12 @@ class Distributed:
             dist.barrier(group=self.wait_group)
 
     def close(self) -> None:
-        if self.enabled and dist.is_initialized():
-            dist.destroy_process_group()
+        """Leave the job: end the groups drrik started. A no-op in one process and on a second
+        call; a default group the caller started stays up for the caller to end."""
+        if not self.enabled or not dist.is_initialized():
+            return
+        if self.owns_default_group:
+            dist.destroy_process_group()  # every group, the wait group included
+        elif self.wait_group is not None:
+            dist.destroy_process_group(self.wait_group)
+        self.wait_group, self.owns_default_group = None, False

@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 DESCRIBE_LIMIT = 200
 """Characters of a library's message kept in a one-line error."""
 
@@ -73,8 +75,6 @@ def read_json(path: Path, fix: str, field: str = "file") -> dict[str, Any]:
 
 def read_yaml(path: Path, fix: str, field: str = "config") -> Any:
     """Parsed YAML from ``path``; a syntax error names its line and column."""
-    import yaml
-
     try:
         text = Path(path).read_text()
         return yaml.safe_load(text)
@@ -96,7 +96,7 @@ def check_device(device: str, field: str = "device") -> None:
     Without this, ``cuda:7`` on a CPU-only machine fails deep in the first ``.to(device)`` with
     "AssertionError: Torch not compiled with CUDA enabled", after the model has loaded.
     """
-    import torch
+    import torch  # here, not at the top: ConfigError alone must not cost torch's start-up
 
     try:
         parsed = torch.device(device)

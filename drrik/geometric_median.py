@@ -10,8 +10,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from drrik.errors import require
-
 
 def _objective(points: Tensor, median: Tensor) -> Tensor:
     return (points - median).norm(dim=1).sum()
@@ -29,8 +27,12 @@ def geometric_median(
     by less than ``tol`` relative to itself. Computed in at least float32; returned in the
     input's dtype. Runs once at initialization, so it may read the objective on the host.
     """
-    require(points.dim() == 2 and points.shape[0] > 0, "points", tuple(points.shape), "pass [n, d]")
-    require(max_iter >= 0, "max_iter", max_iter, "use an int >= 0")
+    if points.dim() != 2 or points.shape[0] == 0:
+        raise ValueError(
+            f"geometric_median needs points [n, d] with n > 0, got {tuple(points.shape)}"
+        )
+    if max_iter < 0:
+        raise ValueError(f"geometric_median needs max_iter >= 0, got {max_iter}")
     work = points if points.dtype in (torch.float32, torch.float64) else points.float()
     median = work.mean(dim=0)
     objective = _objective(work, median).item()

@@ -20,13 +20,13 @@ from typing import Any
 
 import torch
 
+from drrik.dtypes import torch_dtype
 from drrik.errors import ConfigError, describe, reading, require
 from drrik.paths import cache_dir
 
 EMBEDDED_MODEL = "smollm2-135m"
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def native_bfloat16(device: str) -> bool:
@@ -65,12 +65,6 @@ def resolve_dtype(name: str, device: str) -> str:
     if name != "auto":
         return name
     return "bfloat16" if native_bfloat16(device) else "float32"
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    """Map a config dtype name to a torch dtype."""
-    require(name in _DTYPES, "dtype", name, f"use one of {tuple(_DTYPES)}")
-    return _DTYPES[name]
 
 
 def embedded_gguf_path() -> Path:

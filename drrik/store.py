@@ -11,6 +11,7 @@ resumed run sees the same batches.
 from __future__ import annotations
 
 import copy
+import math
 import queue
 import threading
 from collections.abc import Iterator
@@ -21,8 +22,13 @@ import torch
 
 from drrik.config import DataConfig, StoreConfig
 from drrik.data import AnyDataset, ContextStream, load_source
+from drrik.dtypes import torch_dtype
+from drrik.errors import require
+from drrik.logs import get_logger
 from drrik.mixing_buffer import MixingBuffer
-from drrik.model import check_context_size, check_hooks, hook_dims, run_hooks, torch_dtype
+from drrik.model import check_context_size, check_hooks, hook_dims, run_hooks
+
+log = get_logger(__name__)
 
 
 def map_tensors(obj: Any, fn: Any) -> Any:
@@ -120,7 +126,7 @@ class ActivationsStore:
         dtype = (
             model_dtype
             if store_cfg.buffer_dtype == "model"
-            else torch_dtype(store_cfg.buffer_dtype)
+            else torch_dtype(store_cfg.buffer_dtype, "buffer_dtype")
         )
         buffer_device = self._buffer_device()
         self.buffer = MixingBuffer(
@@ -142,7 +148,7 @@ class ActivationsStore:
         self._prefetch: _Prefetcher | None = None
         self.tokens_seen = 0  # model-forward tokens, special positions included
         if verbose:
-            print(self.describe())
+            log.info(self.describe())
 
     def _buffer_device(self) -> torch.device:
         where = self.store_cfg.act_store_device
@@ -239,8 +245,15 @@ class ActivationsStore:
 
     def norm_scaling_factor(self, hook: str, n: int = 65536) -> float:
         """sqrt(d_in) / E||x||: scales activations to an expected norm of sqrt(d_in)."""
-        acts = self.sample(hook, n)
-        return float(self.d_in[hook] ** 0.5 / acts.norm(dim=-1).mean())
+        mean_norm = float(self.sample(hook, n).norm(dim=-1).mean())
+        require(
+            math.isfinite(mean_norm) and mean_norm > 0,
+            "hook",
+            hook,
+            f"its activations have no usable scale (mean norm {mean_norm}); use another hook, "
+            "or a wider model dtype if they overflow",
+        )
+        return self.d_in[hook] ** 0.5 / mean_norm
 
     # -- resuming ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

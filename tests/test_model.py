@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from drrik.config import ModelConfig
+from drrik.dtypes import torch_dtype
 from drrik.errors import ConfigError
 from drrik.model import (
     check_hooks,
@@ -17,7 +18,6 @@ from drrik.model import (
     load_model,
     run_hooks,
     stop_at_layer,
-    torch_dtype,
 )
 
 

@@ -2,7 +2,7 @@
 
 Adding an architecture = a new module with an ``@register``-ed :class:`SAE` subclass, and its
 import below. The config validates names (and ``k`` / ghost-grad support, decoder-norm
-default) against the registry, so nothing else changes.
+default) against the registry (:mod:`drrik.sae.registry`), so nothing else changes.
 """
 
 from __future__ import annotations
@@ -10,12 +10,13 @@ from __future__ import annotations
 import torch
 
 from drrik.sae import batchtopk, gated, jumprelu, relu, topk  # noqa: F401  (registration)
-from drrik.sae.base import ARCHITECTURES, SAE, SparseTrainOutput, TrainOutput, register
+from drrik.sae.base import SAE, SparseTrainOutput, TrainOutput
 from drrik.sae.batchtopk import BatchTopKSAE
 from drrik.sae.config import SAEConfig
 from drrik.sae.dead_features import DeadFeatureTracker, resample_dead_features
 from drrik.sae.gated import GatedSAE
 from drrik.sae.jumprelu import JumpReLUSAE
+from drrik.sae.registry import ARCHITECTURES, register
 from drrik.sae.relu import ReLUSAE
 from drrik.sae.saving import load_sae, load_sparsity, save_sae
 from drrik.sae.topk import TopKSAE

@@ -1,4 +1,4 @@
-"""The one SAE interface every architecture implements, and the registry of architectures.
+"""The one SAE interface every architecture implements.
 
 Layout follows SAELens so saved SAEs load there: ``W_enc [d_in, d_sae]``,
 ``W_dec [d_sae, d_in]``, ``b_enc [d_sae]``, ``b_dec [d_in]``.
@@ -24,8 +24,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from drrik.errors import require
+from drrik.sae import saving
 from drrik.sae.config import SAEConfig
+from drrik.sae.registry import ARCHITECTURES
 
 DECODER_INIT_NORM = 0.1
 """Initial decoder-row norm when rows are not held at unit norm (Anthropic, April 2024)."""
@@ -227,9 +228,11 @@ class SAE(nn.Module):
         Afterwards ``new(x) == old(x * scale) / scale``. Feature activations shrink by
         ``scale`` (they are now in raw-activation units) while decoder rows keep their norm,
         so a unit-norm decoder stays unit-norm: every encoder bias and threshold is divided by
-        ``scale``, weights stay.
+        ``scale``, weights stay. The caller's scale must be finite and > 0 (the store refuses
+        activations that would give another).
         """
-        require(math.isfinite(scale) and scale > 0, "scale", scale, "use a finite scale > 0")
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"fold_activation_scale needs a finite scale > 0, got {scale!r}")
         self.b_enc.div_(scale)
         self.b_dec.div_(scale)
         self._fold_scale_extras(scale)
@@ -274,28 +277,14 @@ class SAE(nn.Module):
         metadata: dict[str, Any] | None = None,
     ) -> Path:
         """Write the SAE atomically in SAELens's directory layout; see :mod:`drrik.sae.saving`."""
-        from drrik.sae.saving import save_sae
-
-        return save_sae(self, directory, sparsity=sparsity, metadata=metadata)
+        return saving.save_sae(self, directory, sparsity=sparsity, metadata=metadata)
 
     @classmethod
     def load(cls, directory: str | Path, device: torch.device | str | None = None) -> SAE:
         """Load an SAE written by :meth:`save` (or by SAELens) as the right subclass."""
-        from drrik.sae.saving import load_sae
-
-        return load_sae(directory, device=device)
+        return saving.load_sae(directory, device=device)
 
     @classmethod
     def from_config(cls, cfg: SAEConfig, device: torch.device | str | None = None) -> SAE:
         """Build the registered class for ``cfg.architecture``."""
         return ARCHITECTURES[cfg.architecture](cfg, device=device)
-
-
-ARCHITECTURES: dict[str, type[SAE]] = {}
-"""Registry: architecture name -> SAE subclass. Filled by :func:`register`."""
-
-
-def register(sae_cls: type[SAE]) -> type[SAE]:
-    """Class decorator adding an architecture to :data:`ARCHITECTURES`."""
-    ARCHITECTURES[sae_cls.architecture] = sae_cls
-    return sae_cls

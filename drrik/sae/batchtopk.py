@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from drrik.sae.base import register
 from drrik.sae.config import SAEConfig
+from drrik.sae.registry import register
 from drrik.sae.topk import TopKSAE
 
 

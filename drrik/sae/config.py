@@ -9,30 +9,15 @@ defaults; combinations that cannot work are refused in ``__post_init__`` with a 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from simple_parsing.helpers import Serializable
 
+from drrik import dtypes
 from drrik.errors import require
+from drrik.sae.registry import ARCHITECTURES
 
-if TYPE_CHECKING:
-    from drrik.sae.base import SAE
-
-DTYPES = {
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
 DEFAULT_EXPANSION_FACTOR = 8
-
-
-def _architectures() -> dict[str, type[SAE]]:
-    """The registry; importing this module imports the package, which fills it."""
-    from drrik.sae.base import ARCHITECTURES
-
-    return ARCHITECTURES
 
 
 @dataclass
@@ -88,14 +73,15 @@ class SAEConfig(Serializable):
     """Parameter dtype: float32, float64, bfloat16 or float16."""
 
     def __post_init__(self) -> None:
-        architectures = _architectures()
+        # Importing this module imports drrik.sae first, whose architecture imports fill the
+        # registry before any config exists.
         require(
-            self.architecture in architectures,
+            self.architecture in ARCHITECTURES,
             "architecture",
             self.architecture,
-            f"use one of {', '.join(architectures)}",
+            f"use one of {', '.join(ARCHITECTURES)}",
         )
-        sae_cls = architectures[self.architecture]
+        sae_cls = ARCHITECTURES[self.architecture]
         require(self.d_in >= 0, "d_in", self.d_in, "use a positive width (or 0 = from the model)")
         require(
             self.d_sae is None or self.expansion_factor is None,
@@ -137,7 +123,7 @@ class SAEConfig(Serializable):
             self.use_ghost_grads,
             f"ghost grads exist for architecture=relu only, not {self.architecture}",
         )
-        require(self.dtype in DTYPES, "dtype", self.dtype, f"use one of {', '.join(DTYPES)}")
+        dtypes.torch_dtype(self.dtype)  # refuses an unknown name
 
     def resolved_d_sae(self) -> int:
         """Number of features: d_sae, else expansion_factor * d_in (8x when neither is set)."""
@@ -156,7 +142,7 @@ class SAEConfig(Serializable):
         """
         if self.normalize_decoder is not None:
             return self.normalize_decoder
-        return _architectures()[self.architecture].default_normalize_decoder(self)
+        return ARCHITECTURES[self.architecture].default_normalize_decoder(self)
 
     def resolved_aux_k(self) -> int:
         """Dead features the AuxK loss may use: aux_k, else d_in // 2, at most d_sae."""
@@ -165,14 +151,14 @@ class SAEConfig(Serializable):
 
     def torch_dtype(self) -> torch.dtype:
         """The parameter dtype as a torch dtype."""
-        return DTYPES[self.dtype]
+        return dtypes.DTYPES[self.dtype]
 
     def check_buildable(self) -> None:
         """Checks that need d_in; run when the SAE is built, after the trainer fills d_in."""
         require(self.d_in > 0, "d_in", self.d_in, "set d_in (the hook's width) before building")
         d_sae = self.resolved_d_sae()
         require(
-            self.k is None or not _architectures()[self.architecture].needs_k or self.k <= d_sae,
+            self.k is None or not ARCHITECTURES[self.architecture].needs_k or self.k <= d_sae,
             "k",
             self.k,
             f"use k <= d_sae ({d_sae})",

@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from drrik.sae.base import SAE, TrainOutput, register
+from drrik.sae.base import SAE, TrainOutput
 from drrik.sae.config import SAEConfig
+from drrik.sae.registry import register
 
 
 @register

@@ -22,8 +22,9 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
-from drrik.sae.base import SAE, TrainOutput, register
+from drrik.sae.base import SAE, TrainOutput
 from drrik.sae.config import SAEConfig
+from drrik.sae.registry import register
 
 
 def rectangle(u: Tensor) -> Tensor:

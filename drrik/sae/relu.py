@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from drrik.sae.base import SAE, TrainOutput, register
+from drrik.sae.base import SAE, TrainOutput
+from drrik.sae.registry import register
 
 _EPS = 1e-12
 

@@ -21,15 +21,18 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from drrik.errors import read_json, reading, require
-from drrik.sae.base import ARCHITECTURES, SAE
 from drrik.sae.config import SAEConfig
+from drrik.sae.registry import ARCHITECTURES
+
+if TYPE_CHECKING:  # the SAE's methods call this module; it only calls theirs
+    from drrik.sae.base import SAE
 
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"

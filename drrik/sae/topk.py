@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from drrik.sae.base import SAE, SparseTrainOutput, TrainOutput, register
+from drrik.sae.base import SAE, SparseTrainOutput, TrainOutput
 from drrik.sae.config import SAEConfig
+from drrik.sae.registry import register
 
 SPARSE_MAX_DENSITY = 1 / 16
 """The sparse training path is taken when k / d_sae is at most this."""
