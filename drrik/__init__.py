@@ -39,7 +39,6 @@ _LAZY = {
     "ActivationsStore": "drrik.store",
     "Trainer": "drrik.trainer",
     "train": "drrik.pipeline",
-    "assemble": "drrik.assemble",
     "export_run": "drrik.export",
     # The first drrik's names (see docs/migrating-from-drrik-0.1.md) and the analysis tools.
     "SparseAutoencoder": "drrik.compat",
