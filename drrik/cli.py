@@ -16,7 +16,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from simple_parsing import ArgumentParser, DashVariant
 
@@ -35,7 +35,6 @@ from drrik.options import (
 if TYPE_CHECKING:  # the run config imports torch: only the commands that need it load it
     from drrik.config import RunConfig
 
-Options = TypeVar("Options")
 SAE_DIR_HELP = "run directory or saved SAE directory"
 RENAMED = {"--keep-special-tokens": ["--ignore-special-tokens", "false"]}
 """Old flags and what they are now."""
@@ -88,10 +87,38 @@ def build_parser(
     return parser
 
 
-def parse_options(
-    command: str, description: str, options: type[Options], argv: list[str], positional: str
-) -> tuple[Path, Options]:
+OPTIONS: dict[str, tuple[type, str, str]] = {
+    "eval": (EvalOptions, "dir", "Evaluate a saved SAE on held-out text."),
+    "status": (
+        StatusOptions,
+        "run_dir",
+        "Show a run's progress, speed, ETA, metrics, checkpoint and liveness.",
+    ),
+    "analyze": (
+        AnalyzeOptions,
+        "dir",
+        "Per-feature statistics, top contexts, quantile-band examples and logit effects of a "
+        "saved SAE, streamed over held-out text; saved beside the run.",
+    ),
+    "report": (
+        ReportOptions,
+        "dir",
+        "Write a self-contained HTML report: run summary, metrics, plots and a page per "
+        "selected feature. Reuses the saved analysis (drrik analyze) or runs one.",
+    ),
+    "steer": (
+        SteerOptions,
+        "dir",
+        "Generate text with SAE feature directions added (or clamped) at the SAE's hook, and "
+        "print it next to the unsteered baseline.",
+    ),
+}
+"""Each command but train: its options dataclass, its positional path, its description."""
+
+
+def parse_options(command: str, argv: list[str]) -> tuple[Path, Any]:
     """The positional path and the options: defaults, then ``--config``'s, then flags."""
+    options, positional, description = OPTIONS[command]
     argv = modernize(argv)
     config = _pre_parse(argv).config
     defaults = load_options(config, options) if config is not None else None
@@ -152,9 +179,7 @@ def cmd_train(argv: list[str]) -> int:
 
 
 def cmd_eval(argv: list[str]) -> int:
-    path, opts = parse_options(
-        "eval", "Evaluate a saved SAE on held-out text.", EvalOptions, argv, "dir"
-    )
+    path, opts = parse_options("eval", argv)
     import torch
 
     from drrik.config import DataConfig, EvalConfig, ModelConfig
@@ -195,13 +220,7 @@ def cmd_eval(argv: list[str]) -> int:
 
 
 def cmd_status(argv: list[str]) -> int:
-    run_dir, opts = parse_options(
-        "status",
-        "Show a run's progress, speed, ETA, metrics, checkpoint and liveness.",
-        StatusOptions,
-        argv,
-        "run_dir",
-    )
+    run_dir, opts = parse_options("status", argv)
     from drrik.status import format_status, run_status
 
     status = run_status(run_dir)
@@ -221,14 +240,7 @@ def _analyze_kwargs(opts: AnalyzeOptions) -> dict[str, Any]:
 
 
 def cmd_analyze(argv: list[str]) -> int:
-    path, opts = parse_options(
-        "analyze",
-        "Per-feature statistics, top contexts, quantile-band examples and logit effects of a "
-        "saved SAE, streamed over held-out text; saved beside the run.",
-        AnalyzeOptions,
-        argv,
-        "dir",
-    )
+    path, opts = parse_options("analyze", argv)
     from drrik.analysis import analyze
     from drrik.saved import SavedSAE
 
@@ -243,14 +255,7 @@ def cmd_analyze(argv: list[str]) -> int:
 
 
 def cmd_report(argv: list[str]) -> int:
-    path, opts = parse_options(
-        "report",
-        "Write a self-contained HTML report: run summary, metrics, plots and a page per "
-        "selected feature. Reuses the saved analysis (drrik analyze) or runs one.",
-        ReportOptions,
-        argv,
-        "dir",
-    )
+    path, opts = parse_options("report", argv)
     check_device(opts.device)
     from drrik.report import write_report
 
@@ -268,14 +273,7 @@ def cmd_report(argv: list[str]) -> int:
 
 
 def cmd_steer(argv: list[str]) -> int:
-    path, opts = parse_options(
-        "steer",
-        "Generate text with SAE feature directions added (or clamped) at the SAE's hook, and "
-        "print it next to the unsteered baseline.",
-        SteerOptions,
-        argv,
-        "dir",
-    )
+    path, opts = parse_options("steer", argv)
     opts.check()
     check_device(opts.device)
     from drrik.saved import SavedSAE

@@ -223,13 +223,6 @@ def test_real_command_exits_2_with_one_stderr_line(tmp_path: Path) -> None:
 
 # -- one parser per command, on the options dataclasses -------------------------------------
 
-OPTIONS = {
-    "eval": (EvalOptions, "dir"),
-    "status": (StatusOptions, "run_dir"),
-    "analyze": (AnalyzeOptions, "dir"),
-    "report": (ReportOptions, "dir"),
-    "steer": (SteerOptions, "dir"),
-}
 FROM_YAML: dict[str, tuple[dict[str, Any], list[str], Any]] = {
     "eval": (
         {"eval_contexts": 8, "json": True},
@@ -255,21 +248,16 @@ FROM_YAML: dict[str, tuple[dict[str, Any], list[str], Any]] = {
 }
 
 
-def parse(command: str, argv: list[str]) -> tuple[Path, Any]:
-    options, positional = OPTIONS[command]
-    return parse_options(command, "", options, argv, positional)
-
-
-@pytest.mark.parametrize("command", list(OPTIONS))
+@pytest.mark.parametrize("command", list(FROM_YAML))
 def test_every_command_reads_config_yaml_and_flags_win(command: str, tmp_path: Path) -> None:
     tree, flags, expected = FROM_YAML[command]
     path = tmp_path / "options.yaml"
     path.write_text(yaml.safe_dump(tree))
-    where, opts = parse(command, ["somewhere", "--config", str(path), *flags])
+    where, opts = parse_options(command, ["somewhere", "--config", str(path), *flags])
     assert where == Path("somewhere") and opts == expected
     path.write_text(yaml.safe_dump({"no_such_option": 1}))
     with pytest.raises(ConfigError, match="no_such_option"):
-        parse(command, ["somewhere", "--config", str(path)])
+        parse_options(command, ["somewhere", "--config", str(path)])
 
 
 HELP_CHOICES = {
@@ -310,9 +298,11 @@ def test_bad_choice_exits_2(capfd: pytest.CaptureFixture[str]) -> None:
 
 def test_cli_options_equal_the_python_api_dataclasses() -> None:
     """``drrik analyze --logit-k N --seed S`` reaches the AnalysisConfig analyze() takes."""
-    _, opts = parse("analyze", ["d", "--logit-k", "5", "--seed", "3", "--tokens", "128"])
+    _, opts = parse_options("analyze", ["d", "--logit-k", "5", "--seed", "3", "--tokens", "128"])
     assert opts.analysis == AnalysisConfig(logit_k=5, seed=3, n_tokens=128)
-    _, opts = parse("steer", ["d", "--prompt", "a", "b", "--prompt", "c", "--feature", "1", "2"])
+    _, opts = parse_options(
+        "steer", ["d", "--prompt", "a", "b", "--prompt", "c", "--feature", "1", "2"]
+    )
     assert opts == SteerOptions(prompt=["a", "b", "c"], feature=[1, 2])
     flags = ["--hook", "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
     cfg = parse_train_args([*flags, "--sweep", "k=16,32", "--architecture", "topk", "--k", "8"])
@@ -369,7 +359,7 @@ def test_old_flags_work_with_a_deprecation_line(
         got, want = parse_train_args(old), parse_train_args(modern)
         assert (got.model, got.trainer) == (want.model, want.trainer)
     else:
-        assert parse(command, old) == parse(command, modern)
+        assert parse_options(command, old) == parse_options(command, modern)
     err = capfd.readouterr().err
     assert err.splitlines()[0].endswith(f"is deprecated; write {new}"), err
 
