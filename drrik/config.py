@@ -12,7 +12,6 @@ module (only config modules and the errors), so a config loads without the train
 from __future__ import annotations
 
 import re
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -42,7 +41,6 @@ from drrik.training_config import (
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_HOOK = "blocks.12.hook_resid_post"
 Dtype = Literal["float32", "bfloat16", "float16"]
-DTYPES = typing.get_args(Dtype)
 _HOOK_PATTERN = re.compile(r"^[A-Za-z_][\w.]*$")
 
 

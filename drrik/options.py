@@ -1,8 +1,10 @@
 """Options of the commands other than ``train``, and the YAML reading every command shares.
 
-Each command's options are one documented dataclass: ``drrik.cli`` turns it into flags with
-simple-parsing and the Python API (:func:`drrik.analysis.analyze`, :mod:`drrik.steering`,
-:func:`drrik.report.write_report`) takes the same fields, so the two cannot drift apart.
+Each command's options are one documented dataclass that ``drrik.cli`` turns into flags with
+simple-parsing, and the Python API shares them, so the two cannot drift apart:
+:func:`drrik.analysis.analyze` takes the :class:`AnalysisConfig` that ``drrik analyze`` and
+``drrik report`` parse, and :mod:`drrik.steering` checks modes and units against the same
+``Literal`` types that ``drrik steer`` offers.
 Choices are ``Literal`` types: ``--help`` lists them and :func:`check_choices` refuses others
 in Python. This module imports neither torch nor any runtime module, so ``drrik status`` and
 every ``--help`` stay fast.
@@ -104,20 +106,21 @@ def field_value(name: str, value: Any, hint: Any, where: str) -> Any:
     return converted
 
 
-def _typed(name: str, values: Any, cls: type, path: Path) -> dict[str, Any]:
+def _typed(values: Any, cls: type, path: Path, prefix: str = "") -> dict[str, Any]:
     """A YAML mapping for dataclass ``cls``, each value converted; nested sections recurse."""
     values = {} if values is None else values
-    require(isinstance(values, dict), name, values, f"expected a mapping of fields in {path}")
+    where = prefix.rstrip(".") or "config"
+    require(isinstance(values, dict), where, values, f"expected a mapping of fields in {path}")
     hints = field_types(cls)
-    prefix = f"{name}." if name != "config" else ""
     for key, value in values.items():
+        name = f"{prefix}{key}"
         close = difflib.get_close_matches(str(key), hints, n=1)
         hint = f"did you mean {prefix}{close[0]}?" if close else f"use {sorted(hints)}"
-        require(key in hints, f"{prefix}{key}", value, f"no such field in {path}; {hint}")
+        require(key in hints, name, value, f"no such field in {path}; {hint}")
         if is_dataclass(hints[key]):
-            values[key] = _typed(f"{prefix}{key}", value, hints[key], path)
+            values[key] = _typed(value, hints[key], path, f"{name}.")
         else:
-            values[key] = field_value(f"{prefix}{key}", value, hints[key], path.name)
+            values[key] = field_value(name, value, hints[key], str(path))
     return values
 
 
@@ -126,7 +129,7 @@ def read_options_tree(path: str | Path, cls: type) -> dict[str, Any]:
     path = Path(path)
     require(path.is_file(), "config", str(path), "no such file; check the path")
     tree = read_yaml(path, "fix the file or pass the values as flags") or {}
-    return _typed("config", tree, cls, path)
+    return _typed(tree, cls, path)
 
 
 def load_options(path: str | Path, cls: type[S]) -> S:

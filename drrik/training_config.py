@@ -1,8 +1,8 @@
 """The training loop's sections of a run's config: trainer, schedules, sweep, eval, checkpoints,
 data parallelism and W&B.
 
-Like :mod:`drrik.config` (which gathers them into ``RunConfig``), this module imports no
-runtime module, so the configs load without torch's training machinery.
+Like :mod:`drrik.config`, which gathers them into ``RunConfig``, this module imports no
+runtime module (nor torch): W&B's environment settings are read only when asked for.
 """
 
 from __future__ import annotations
