@@ -22,74 +22,39 @@ are reused by ``drrik report`` and ``drrik steer``.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from drrik.config import DataConfig, RunConfig, load_config_file
+from drrik.analysis_results import HIST_BINS, HIST_LOG10_RANGE, AnalysisResults, Example
 from drrik.data import ContextStream, SpecialTokens, load_source
-from drrik.errors import check_device, read_json, reading, require
+from drrik.errors import check_device, require
 from drrik.evaluate import held_out_contexts
-from drrik.model import check_hooks, load_model, run_hooks
-from drrik.run_dir import CONFIG_FILE, locate_saved_sae, write_text_atomic
-from drrik.sae import SAE, load_sae
-from drrik.sae.saving import SAVED_SAE_FIX, read_sae_cfg
+from drrik.model import run_hooks
+from drrik.options import AnalysisConfig
+from drrik.sae import SAE
+from drrik.saved import SavedSAE
 
-ANALYSIS_DIR = "analysis"
-TENSORS_FILE = "features.safetensors"
-META_FILE = "analysis.json"
-HIST_LOG10_RANGE = (-3.0, 3.0)
-"""Activation histograms span 1e-3 .. 1e3 (raw units), 20 log-spaced bins a decade."""
-HIST_BINS = 120
+__all__ = [
+    "AnalysisConfig",
+    "AnalysisResults",
+    "Example",
+    "FeatureAnalyzer",
+    "analyze",
+    "logit_effects",
+    "sample_priority",
+]
 _NO_SAMPLE = 2**40
 """Hash priority of a context the feature does not fire on: never sampled."""
 _FP16_MAX = 65504.0
 _SLOT_FIELDS = ("act", "ctx", "pos", "start", "window")
-
-
-@dataclass
-class AnalysisConfig:
-    """How much to read and how much to keep per feature."""
-
-    n_tokens: int = 65_536
-    """Token budget: contexts are read until this many tokens (context_size each)."""
-    batch_size_prompts: int = 16
-    """Contexts per model forward pass."""
-    top_k: int = 16
-    """Top-activating contexts kept per feature."""
-    n_bands: int = 4
-    """Quantile bands of a feature's activating contexts shown as examples."""
-    band_samples: int = 4
-    """Examples per band."""
-    window: int = 32
-    """Tokens kept around each example's maximum token (3/4 before it, 1/4 after)."""
-    logit_k: int = 10
-    """Promoted and suppressed tokens kept per feature."""
-    ignore_special_tokens: bool = True
-    """Ignore BOS, EOS and pad positions."""
-    seed: int = 0
-    """Seed of the hash that draws the quantile-band sample."""
-
-    def __post_init__(self) -> None:
-        for name in ("n_tokens", "batch_size_prompts", "top_k", "n_bands", "band_samples"):
-            value = getattr(self, name)
-            require(value > 0, name, value, "use a positive number")
-        require(self.window >= 2, "window", self.window, "use at least 2 tokens")
-        require(self.logit_k >= 1, "logit_k", self.logit_k, "use a positive number")
-
-    @property
-    def reservoir(self) -> int:
-        return self.n_bands * self.band_samples
 
 
 def sample_priority(contexts: Tensor, n_features: int, seed: int) -> Tensor:
@@ -104,19 +69,6 @@ def sample_priority(contexts: Tensor, n_features: int, seed: int) -> Tensor:
     for _ in range(2):
         x = (((x >> 16) ^ x) * 0x45D9F3B) & mask
     return (x >> 16) ^ x
-
-
-@dataclass
-class Example:
-    """A window of tokens around a context's strongest activation of one feature."""
-
-    context: int
-    position: int
-    activation: float
-    token_ids: list[int]
-    activations: list[float]
-    max_index: int
-    """Index of the maximum token inside the window."""
 
 
 class FeatureAnalyzer:
@@ -304,239 +256,6 @@ def logit_effects(model: Any, sae: SAE, k: int, chunk: int = 512) -> dict[str, T
     return {f"logit_{name}": torch.cat(parts) for name, parts in out.items()}
 
 
-@dataclass
-class AnalysisResults:
-    """Per-feature results of one analysis pass; see the module docstring for their meaning."""
-
-    meta: dict[str, Any]
-    tensors: dict[str, Tensor]
-    vocab: dict[int, str]
-
-    @property
-    def d_sae(self) -> int:
-        return int(self.tensors["count"].shape[0])
-
-    @property
-    def n_tokens(self) -> int:
-        return int(self.meta["n_tokens"])
-
-    @property
-    def density(self) -> Tensor:
-        """Fraction of analysed tokens each feature fires on."""
-        return self.tensors["count"].double() / max(self.n_tokens, 1)
-
-    @property
-    def mean_activation(self) -> Tensor:
-        """Mean activation when active (0 for features that never fired)."""
-        return self.tensors["act_sum"] / self.tensors["count"].clamp_min(1)
-
-    @property
-    def max_activation(self) -> Tensor:
-        return self.tensors["top_act"][:, 0]
-
-    @property
-    def has_logits(self) -> bool:
-        return "logit_pos" in self.tensors
-
-    def token(self, token_id: int) -> str:
-        return self.vocab.get(int(token_id), f"<{int(token_id)}>")
-
-    def _examples(self, prefix: str, feature: int) -> list[Example]:
-        t = self.tensors
-        contexts = t["contexts"]
-        width = min(int(self.meta["config"]["window"]), contexts.shape[1])
-        examples = []
-        for slot in range(t[f"{prefix}_act"].shape[1]):
-            activation = float(t[f"{prefix}_act"][feature, slot])
-            if activation <= 0:
-                continue
-            ctx, pos, start = (
-                int(t[f"{prefix}_{n}"][feature, slot]) for n in ("ctx", "pos", "start")
-            )
-            examples.append(
-                Example(
-                    context=ctx,
-                    position=pos,
-                    activation=activation,
-                    token_ids=contexts[ctx, start : start + width].tolist(),
-                    activations=t[f"{prefix}_window"][feature, slot, :width].float().tolist(),
-                    max_index=pos - start,
-                )
-            )
-        return examples
-
-    def top_examples(self, feature: int) -> list[Example]:
-        """The feature's top-activating contexts, strongest first."""
-        return self._examples("top", feature)
-
-    def band_examples(self, feature: int) -> list[tuple[str, list[Example]]]:
-        """The sampled activating contexts cut into quantile bands, highest band first."""
-        examples = self._examples("band", feature)
-        n_bands = int(self.meta["config"]["n_bands"])
-        bands = []
-        for band in range(n_bands):
-            lo, hi = band * len(examples) // n_bands, (band + 1) * len(examples) // n_bands
-            if hi > lo:
-                upper, lower = 100 - 100 * band // n_bands, 100 - 100 * (band + 1) // n_bands
-                label = f"quantile {lower}-{upper}% of activating contexts"
-                bands.append((label, examples[lo:hi]))
-        return bands
-
-    def logit_effects(
-        self, feature: int
-    ) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
-        """(promoted, suppressed) tokens with their direct logit effect."""
-        if not self.has_logits:
-            return [], []
-        t = self.tensors
-
-        def pairs(side: str) -> list[tuple[str, float]]:
-            ids, values = t[f"logit_{side}_ids"][feature], t[f"logit_{side}"][feature]
-            return [(self.token(i), v) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
-
-        return pairs("pos"), pairs("neg")
-
-    def histogram(self, feature: int) -> tuple[Tensor, Tensor]:
-        """(counts, bin edges) of the feature's activations on log-spaced bins."""
-        counts = self.tensors["hist"][feature].long()
-        lo, hi = self.meta["hist_log10_range"]
-        return counts, torch.logspace(lo, hi, counts.numel() + 1, dtype=torch.float64)
-
-    def save(self, directory: str | Path) -> Path:
-        """Write ``features.safetensors`` and ``analysis.json`` into ``directory``."""
-        path = Path(directory)
-        path.mkdir(parents=True, exist_ok=True)
-        tmp = path / f".{TENSORS_FILE}.tmp"
-        save_file(self.tensors, str(tmp))
-        tmp.replace(path / TENSORS_FILE)
-        content = {"meta": self.meta, "vocab": {str(k): v for k, v in self.vocab.items()}}
-        write_text_atomic(path / META_FILE, json.dumps(content))
-        return path
-
-    @classmethod
-    def load(cls, directory: str | Path) -> AnalysisResults:
-        path = Path(directory)
-        require(
-            (path / META_FILE).is_file() and (path / TENSORS_FILE).is_file(),
-            "analysis",
-            str(path),
-            "no analysis there; run drrik analyze first",
-        )
-        fix = "run drrik analyze again to rewrite it"
-        content = read_json(path / META_FILE, fix)
-        with reading("file", str(path / META_FILE), fix, "not an analysis"):
-            vocab = {int(k): v for k, v in content["vocab"].items()}
-            meta = dict(content["meta"])
-        with reading("file", str(path / TENSORS_FILE), fix):
-            tensors = load_file(str(path / TENSORS_FILE))
-        return cls(meta, tensors, vocab)
-
-
-# -- saved runs ------------------------------------------------------------------------------
-
-
-@dataclass
-class SavedSAE:
-    """A saved SAE, the run it belongs to (if any), and where its analysis and report go.
-
-    A run keeps them beside ``final/``: ``analysis/``, ``report/`` (``analysis/<name>/`` when
-    the run trained several SAEs). A bare SAE directory keeps them inside itself, so saving a
-    new SAE over it also removes the now stale analysis.
-    """
-
-    sae_dir: Path
-    run_dir: Path | None
-    output_root: Path
-    name: str | None
-    metadata: dict[str, Any]
-    cfg_json: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def locate(cls, path: str | Path, name: str | None = None) -> SavedSAE:
-        """Accept a run directory, its ``final/`` directory, or any saved SAE directory."""
-        where = locate_saved_sae(path, name)
-        sae_dir, run_dir, name = where.sae_dir, where.run_dir, where.name
-        cfg_json = read_sae_cfg(sae_dir)
-        return cls(sae_dir, run_dir, run_dir or sae_dir, name, cfg_json["metadata"], cfg_json)
-
-    @property
-    def d_sae(self) -> int:
-        """The SAE's width from ``cfg.json``: feature ids are checked against it before any
-        model loads."""
-        d_sae = self.cfg_json.get("d_sae")
-        require(
-            isinstance(d_sae, int) and d_sae > 0,
-            "file",
-            str(self.sae_dir / "cfg.json"),
-            f"it gives no positive integer d_sae; {SAVED_SAE_FIX}",
-        )
-        return d_sae
-
-    def check_features(self, features: Iterable[int], field: str = "feature") -> None:
-        """Refuse feature ids outside ``[0, d_sae)``."""
-        for f in features:
-            require(0 <= f < self.d_sae, field, f, f"use ids in [0, {self.d_sae})")
-
-    def output_dir(self, kind: str) -> Path:
-        """``analysis`` or ``report`` directory of this SAE."""
-        base = self.output_root / kind
-        return base / self.name if self.name else base
-
-    @property
-    def analysis_dir(self) -> Path:
-        return self.output_dir(ANALYSIS_DIR)
-
-    @property
-    def hook(self) -> str:
-        hook = self.metadata.get("hook_name")
-        require(bool(hook), "hook", hook, "the SAE's cfg.json names no metadata.hook_name")
-        return str(hook)
-
-    def _run_config(self) -> RunConfig | None:
-        """The run's config.yaml, checked; its device is not used here, so not checked."""
-        if self.run_dir is None or not (self.run_dir / CONFIG_FILE).is_file():
-            return None
-        return load_config_file(self.run_dir / CONFIG_FILE, device="cpu")
-
-    def data_config(self, dataset: str | None = None) -> DataConfig:
-        """The run's data settings (config.yaml), else what the SAE's metadata records."""
-        saved = self._run_config()
-        if saved is not None:
-            values = saved.data.to_dict()
-        else:
-            values = {
-                "dataset": self.metadata.get("dataset_path", "drrik-offline"),
-                "context_size": int(self.metadata.get("context_size", 128)),
-                "prepend_bos": bool(self.metadata.get("prepend_bos", True)),
-            }
-        if dataset is not None:
-            values.update(dataset=dataset, eval_split=None, dataset_config=None)
-        return DataConfig.from_dict(values)
-
-    def model_name(self, override: str | None = None) -> str:
-        name = override or self.metadata.get("model_name")
-        require(bool(name), "model", name, "the SAE names no model; pass --model")
-        return str(name)
-
-    def load_model(self, model: Any = None, device: str = "cpu") -> Any:
-        """The SAE's language model (``model``: a name, a loaded model, or None), hook checked."""
-        if model is None or isinstance(model, str):
-            saved = self._run_config()
-            dtype = saved.model.model_dtype if saved else "float32"
-            model = load_model(self.model_name(model), device=device, dtype=dtype)
-        check_hooks(model, [self.hook])
-        return model
-
-    def load_sae(self, device: str = "cpu") -> SAE:
-        return load_sae(self.sae_dir, device=device)
-
-    def has_analysis(self) -> bool:
-        return (self.analysis_dir / META_FILE).is_file()
-
-    def load_analysis(self) -> AnalysisResults:
-        return AnalysisResults.load(self.analysis_dir)
-
-
 def analyze(
     path: str | Path,
     cfg: AnalysisConfig | None = None,
@@ -575,60 +294,3 @@ def analyze(
     if save:
         results.save(saved.analysis_dir)
     return results
-
-
-def cmd_analyze(argv: list[str]) -> int:
-    """``drrik analyze DIR``: analyse a saved SAE's features and save the results in the run."""
-    parser = argparse.ArgumentParser(
-        prog="drrik analyze",
-        description="Per-feature statistics, top contexts, quantile-band examples and logit "
-        "effects of a saved SAE, streamed over held-out text.",
-    )
-    parser.add_argument("dir", type=Path, help="run directory or saved SAE directory")
-    add_analysis_arguments(parser)
-    args = parser.parse_args(argv)
-    results = analyze(
-        args.dir,
-        analysis_config(args),
-        sae_name=args.sae,
-        model=args.model,
-        dataset=args.dataset,
-        device=args.device,
-    )
-    saved = SavedSAE.locate(args.dir, args.sae)
-    alive = int((results.tensors["count"] > 0).sum())
-    print(
-        f"analysed {results.n_tokens:,} tokens: {alive}/{results.d_sae} features fired; "
-        f"saved to {saved.analysis_dir.resolve()}"
-    )
-    return 0
-
-
-def add_analysis_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags shared by ``drrik analyze`` and ``drrik report`` (which analyses when needed)."""
-    defaults = AnalysisConfig()
-    parser.add_argument("--sae", help="which SAE of a run that trained several")
-    parser.add_argument("--model", help="model (default: the one the SAE was trained on)")
-    parser.add_argument("--dataset", help="dataset (default: the training dataset's held-out rows)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--tokens", type=int, default=defaults.n_tokens, help="token budget")
-    parser.add_argument("--batch-size-prompts", type=int, default=defaults.batch_size_prompts)
-    parser.add_argument("--top-k", type=int, default=defaults.top_k)
-    parser.add_argument("--n-bands", type=int, default=defaults.n_bands)
-    parser.add_argument("--band-samples", type=int, default=defaults.band_samples)
-    parser.add_argument("--window", type=int, default=defaults.window)
-    parser.add_argument(
-        "--keep-special-tokens", action="store_true", help="also analyse BOS/EOS/pad positions"
-    )
-
-
-def analysis_config(args: argparse.Namespace) -> AnalysisConfig:
-    return AnalysisConfig(
-        n_tokens=args.tokens,
-        batch_size_prompts=args.batch_size_prompts,
-        top_k=args.top_k,
-        n_bands=args.n_bands,
-        band_samples=args.band_samples,
-        window=args.window,
-        ignore_special_tokens=not args.keep_special_tokens,
-    )

@@ -1,46 +1,150 @@
 """The ``drrik`` command: train, eval, status, analyze, report, steer.
 
-Every config field is a flag (``drrik train --help``) and ``--config FILE.yaml`` loads the same
-fields from YAML (flags win). Bad input ends with one line on stderr and exit status 2.
+Every command's options are a documented dataclass (:class:`~drrik.config.RunConfig` for
+``train``, :mod:`drrik.options` for the others) that simple-parsing turns into flags, so
+``drrik COMMAND --help`` lists every field and its choices, and the Python API takes the same
+dataclasses. ``--config FILE.yaml`` loads the same fields from YAML for every command (flags
+win). Old spellings still work with a one-line deprecation warning. Bad input ends with one
+line on stderr and exit status 2. Each command imports torch, the model code or matplotlib
+only when it runs, so ``drrik status`` and ``--help`` stay fast.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from simple_parsing import ArgumentParser, DashVariant
 
-from drrik.config import DataConfig, EvalConfig, ModelConfig, RunConfig, load_config_file
-from drrik.errors import ConfigError, require
-from drrik.run_dir import CONFIG_FILE, locate_saved_sae
+from drrik.errors import ConfigError, check_device, require
+from drrik.options import (
+    AnalyzeOptions,
+    EvalOptions,
+    ReportOptions,
+    StatusOptions,
+    SteerOptions,
+    deprecated,
+    load_options,
+    split_legacy,
+)
 
-Command = Callable[[list[str]], int]
+if TYPE_CHECKING:  # the run config imports torch: only the commands that need it load it
+    from drrik.config import RunConfig
+
+SAE_DIR_HELP = "run directory or saved SAE directory"
+RENAMED = {"--keep-special-tokens": ["--ignore-special-tokens", "false"]}
+"""Old flags and what they are now."""
+COMMA_LISTS = ("--features", "--compare")
+"""List flags that used to take one comma-separated string (``--hook`` and ``--sweep`` are
+split by their configs, so a YAML string or a Python one is accepted too)."""
 
 
-def train_parser(defaults: RunConfig | None = None) -> ArgumentParser:
+def modernize(argv: list[str]) -> list[str]:
+    """``argv`` with old spellings replaced by today's, each with a deprecation warning."""
+    out: list[str] = []
+    for i, arg in enumerate(argv):
+        if arg in RENAMED:
+            deprecated(arg, " ".join(RENAMED[arg]))
+            out += RENAMED[arg]
+        elif i and argv[i - 1] in COMMA_LISTS:
+            out += split_legacy([arg], ",", argv[i - 1])
+        else:
+            out.append(arg)
+    return out
+
+
+def _pre_parse(argv: list[str]) -> argparse.Namespace:
+    """The flags that choose the defaults, read before the full parser is built."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", type=Path)
+    pre.add_argument("--resume", type=Path)
+    pre.add_argument("--device")
+    return pre.parse_known_args(argv)[0]
+
+
+def build_parser(
+    command: str,
+    description: str,
+    options: type,
+    defaults: Any = None,
+    positional: str | None = None,
+    positional_help: str = SAE_DIR_HELP,
+) -> ArgumentParser:
+    """The parser of one command: ``--config``, an optional positional path, the options."""
     parser = ArgumentParser(
-        prog="drrik train",
-        description="Train sparse autoencoders on a model's activations, streamed.",
+        prog=f"drrik {command}",
+        description=description,
         add_option_string_dash_variants=DashVariant.DASH,
     )
     parser.add_argument("--config", type=Path, help="YAML file with any of the fields below")
+    if positional:
+        parser.add_argument(positional, type=Path, metavar=positional.upper(), help=positional_help)
+    parser.add_arguments(options, dest="opts", default=defaults)
+    return parser
+
+
+OPTIONS: dict[str, tuple[type, str, str]] = {
+    "eval": (EvalOptions, "dir", "Evaluate a saved SAE on held-out text."),
+    "status": (
+        StatusOptions,
+        "run_dir",
+        "Show a run's progress, speed, ETA, metrics, checkpoint and liveness.",
+    ),
+    "analyze": (
+        AnalyzeOptions,
+        "dir",
+        "Per-feature statistics, top contexts, quantile-band examples and logit effects of a "
+        "saved SAE, streamed over held-out text; saved beside the run.",
+    ),
+    "report": (
+        ReportOptions,
+        "dir",
+        "Write a self-contained HTML report: run summary, metrics, plots and a page per "
+        "selected feature. Reuses the saved analysis (drrik analyze) or runs one.",
+    ),
+    "steer": (
+        SteerOptions,
+        "dir",
+        "Generate text with SAE feature directions added (or clamped) at the SAE's hook, and "
+        "print it next to the unsteered baseline.",
+    ),
+}
+"""Each command but train: its options dataclass, its positional path, its description."""
+
+
+def parse_options(command: str, argv: list[str]) -> tuple[Path, Any]:
+    """The positional path and the options: defaults, then ``--config``'s, then flags."""
+    options, positional, description = OPTIONS[command]
+    argv = modernize(argv)
+    config = _pre_parse(argv).config
+    defaults = load_options(config, options) if config is not None else None
+    args = build_parser(command, description, options, defaults, positional).parse_args(argv)
+    return getattr(args, positional), args.opts
+
+
+def train_parser(defaults: RunConfig | None = None) -> ArgumentParser:
+    from drrik.config import RunConfig
+
+    parser = build_parser(
+        "train",
+        "Train sparse autoencoders on a model's activations, streamed.",
+        RunConfig,
+        defaults,
+    )
     parser.add_argument("--resume", type=Path, help="continue the run in this directory")
-    parser.add_arguments(RunConfig, dest="cfg", default=defaults)
     return parser
 
 
 def parse_train_args(argv: list[str]) -> RunConfig:
     """Config from, in rising priority: defaults, --resume's saved config or --config, flags."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", type=Path)
-    pre.add_argument("--resume", type=Path)
-    pre.add_argument("--device")
-    known, _ = pre.parse_known_args(argv)
+    from drrik.config import load_config_file
+    from drrik.run_dir import CONFIG_FILE
+
+    known = _pre_parse(argv)
     defaults = None
     if known.resume is not None:
         saved = known.resume / CONFIG_FILE
@@ -53,7 +157,7 @@ def parse_train_args(argv: list[str]) -> RunConfig:
         defaults = load_config_file(saved, device=known.device)
     elif known.config is not None:
         defaults = load_config_file(known.config, device=known.device)
-    cfg = train_parser(defaults).parse_args(argv).cfg
+    cfg = train_parser(defaults).parse_args(argv).opts
     if known.resume is not None:
         cfg.out = str(known.resume)
     return cfg
@@ -77,71 +181,143 @@ def cmd_train(argv: list[str]) -> int:
 
 
 def cmd_eval(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="drrik eval", description="Evaluate a saved SAE on held-out text."
-    )
-    parser.add_argument("dir", type=Path, help="run directory or saved SAE directory")
-    parser.add_argument("--model", help="model (default: the one the SAE was trained on)")
-    parser.add_argument("--dataset", help="dataset (default: the training dataset)")
-    parser.add_argument("--eval-split", help="split to evaluate on (default: held-out rows)")
-    parser.add_argument("--eval-contexts", type=int, default=64)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    args = parser.parse_args(argv)
-
+    path, opts = parse_options("eval", argv)
     import torch
 
+    from drrik.config import DataConfig, EvalConfig, ModelConfig
     from drrik.data import ContextStream, SpecialTokens, load_source
     from drrik.evaluate import EvalTarget, evaluate, format_metrics, held_out_contexts
     from drrik.model import check_hooks, load_model, resolve_dtype
+    from drrik.run_dir import locate_saved_sae
     from drrik.sae import load_sae
     from drrik.sae.saving import read_sae_cfg
 
-    sae_dir = locate_saved_sae(args.dir).sae_dir
+    check_device(opts.device)
+    sae_dir = locate_saved_sae(path, opts.sae).sae_dir
     meta = read_sae_cfg(sae_dir)["metadata"]
-    model_name = args.model or meta.get("model_name")
+    model_name = opts.model or meta.get("model_name")
     require(bool(model_name), "model", model_name, "the SAE names no model; pass --model")
-    model_cfg = ModelConfig(model=model_name, hook=meta.get("hook_name", ""), device=args.device)
+    # Cheap reads first, so that a damaged SAE or dataset fails before the model loads.
+    sae = load_sae(sae_dir, device=opts.device)
+    model_cfg = ModelConfig(model=model_name, hook=meta.get("hook_name", ""), device=opts.device)
     data_cfg = DataConfig(
-        dataset=args.dataset or meta.get("dataset_path", "drrik-offline"),
-        eval_split=args.eval_split,
+        dataset=opts.dataset or meta.get("dataset_path", "drrik-offline"),
+        eval_split=opts.eval_split,
         context_size=int(meta.get("context_size", 128)),
         prepend_bos=bool(meta.get("prepend_bos", True)),
     )
-    eval_cfg = EvalConfig(eval_contexts=args.eval_contexts)
-    # Cheap reads first, so that a damaged SAE or dataset fails before the model loads.
-    sae = load_sae(sae_dir, device=args.device)
-    dataset = load_source(data_cfg, args.eval_split)
-    dtype = resolve_dtype(model_cfg.model_dtype, args.device)
-    model = load_model(model_cfg.model, device=args.device, dtype=dtype)
+    eval_cfg = EvalConfig(eval_contexts=opts.eval_contexts)
+    dataset = load_source(data_cfg, opts.eval_split)
+    dtype = resolve_dtype(model_cfg.model_dtype, opts.device)
+    model = load_model(model_cfg.model, device=opts.device, dtype=dtype)
     check_hooks(model, model_cfg.hook_names)
-    holdout = "all" if args.eval_split else "eval"
+    holdout = "all" if opts.eval_split else "eval"
     stream = ContextStream(dataset, model.tokenizer, data_cfg, holdout=holdout, cycle=False)
     contexts = held_out_contexts(stream, eval_cfg.eval_contexts, eval_cfg.eval_batch_size_prompts)
     exclude = torch.tensor(SpecialTokens.of(model.tokenizer).ids(), dtype=torch.long)
     target = EvalTarget(sae_dir.name, model_cfg.hook_names[0], sae)
     metrics, _ = evaluate(model, [target], contexts, exclude, eval_cfg.dense_threshold)
-    if args.json:
-        print(json.dumps(metrics[target.name], indent=2))
-    else:
-        print(format_metrics(metrics))
+    print(json.dumps(metrics[target.name], indent=2) if opts.json else format_metrics(metrics))
     return 0
 
 
-COMMANDS: dict[str, str] = {
-    "train": "drrik.cli:cmd_train",
-    "eval": "drrik.cli:cmd_eval",
-    "status": "drrik.status:cmd_status",
-    "analyze": "drrik.analysis:cmd_analyze",
-    "report": "drrik.report:cmd_report",
-    "steer": "drrik.steering:cmd_steer",
+def cmd_status(argv: list[str]) -> int:
+    run_dir, opts = parse_options("status", argv)
+    from drrik.status import format_status, run_status
+
+    status = run_status(run_dir)
+    print(json.dumps(status, indent=2) if opts.json else format_status(status))
+    return 0
+
+
+def _analyze_kwargs(opts: AnalyzeOptions) -> dict[str, Any]:
+    """:func:`drrik.analysis.analyze`'s arguments from the options (the path aside)."""
+    return {
+        "cfg": opts.analysis,
+        "sae_name": opts.sae,
+        "model": opts.model,
+        "dataset": opts.dataset,
+        "device": opts.device,
+    }
+
+
+def cmd_analyze(argv: list[str]) -> int:
+    path, opts = parse_options("analyze", argv)
+    from drrik.analysis import analyze
+    from drrik.saved import SavedSAE
+
+    results = analyze(path, **_analyze_kwargs(opts))
+    alive = int((results.tensors["count"] > 0).sum())
+    where = SavedSAE.locate(path, opts.sae).analysis_dir.resolve()
+    print(
+        f"analysed {results.n_tokens:,} tokens: {alive}/{results.d_sae} features fired; "
+        f"saved to {where}"
+    )
+    return 0
+
+
+def cmd_report(argv: list[str]) -> int:
+    path, opts = parse_options("report", argv)
+    check_device(opts.device)
+    from drrik.report import write_report
+
+    kwargs = _analyze_kwargs(opts)
+    index = write_report(
+        path,
+        features=opts.features or None,
+        n_features=opts.n_features,
+        sae_name=kwargs.pop("sae_name"),
+        out=opts.out,
+        analyze_kwargs=kwargs,
+    )
+    print(f"report: {index.resolve()}")
+    return 0
+
+
+def cmd_steer(argv: list[str]) -> int:
+    path, opts = parse_options("steer", argv)
+    opts.check()
+    check_device(opts.device)
+    from drrik.saved import SavedSAE
+    from drrik.steering import SAESteering
+
+    SavedSAE.locate(path, opts.sae).check_features(opts.feature)
+    steering = SAESteering.from_run(path, model=opts.model, device=opts.device, sae_name=opts.sae)
+    if opts.find:
+        for prompt in opts.prompt:
+            print(f"features active on {prompt!r}:")
+            for row in steering.find_steering_features(prompt):
+                print(f"  {row}")
+        return 0
+    common = {
+        "mode": opts.mode,
+        "units": opts.units,
+        "max_new_tokens": opts.max_new_tokens,
+        "temperature": opts.temperature,
+        "seed": opts.seed,
+    }
+    if opts.compare:
+        for prompt in opts.prompt:
+            steering.compare_steering(prompt, opts.feature[0], opts.compare, **common)
+        return 0
+    strengths = opts.strength or [1.0]
+    base = steering.generate_batch(opts.prompt, top_p=opts.top_p, **common)
+    steered = steering.generate_batch(
+        opts.prompt, opts.feature, strengths, top_p=opts.top_p, **common
+    )
+    for prompt, b, s in zip(opts.prompt, base, steered, strict=True):
+        print(f"prompt:   {prompt!r}\nbaseline: {b!r}\nsteered:  {s!r}\n")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "status": cmd_status,
+    "analyze": cmd_analyze,
+    "report": cmd_report,
+    "steer": cmd_steer,
 }
-"""Each command's function, imported only when that command runs (plots load matplotlib)."""
-
-
-def _command(name: str) -> Command:
-    module, _, function = COMMANDS[name].partition(":")
-    return getattr(importlib.import_module(module), function)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -151,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"usage: drrik {{{known}}} [options]   (drrik COMMAND --help for details)")
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     try:
-        return _command(argv[0])(argv[1:])
+        return COMMANDS[argv[0]](argv[1:])
     except ConfigError as exc:
         print(f"drrik {argv[0]}: error: {exc}", file=sys.stderr)
         return 2

@@ -28,17 +28,24 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from drrik import plots
-from drrik.analysis import AnalysisResults, SavedSAE, analyze
-from drrik.config import DEFAULT_HOOK, DEFAULT_MODEL, DataConfig, RunConfig, StoreConfig
+from drrik.analysis import AnalysisResults, analyze
+from drrik.config import (
+    DEFAULT_HOOK,
+    DEFAULT_MODEL,
+    DataConfig,
+    RunConfig,
+    StoreConfig,
+    WandbConfig,
+)
 from drrik.errors import require
 from drrik.model import load_model
 from drrik.report import REPORT_DIR, write_report
 from drrik.run_dir import RunDir
 from drrik.sae import SAE
+from drrik.saved import SavedSAE
 from drrik.settings import EnvironmentSettings, get_settings
 from drrik.steering import SAESteering
 from drrik.store import ActivationsStore
-from drrik.wandb_logging import WandbConfig
 
 SparseAutoencoder = SAE
 Config = RunConfig

@@ -1,33 +1,46 @@
-"""Configuration of the streaming pipeline: model, data and activations store.
+"""Configuration of a training run: model, data, activations store and SAE, gathered with the
+training loop's sections (:mod:`drrik.training_config`) into ``RunConfig``.
 
 Sparsify-style dataclasses: every field is typed, has a default and a one-line docstring
 (simple-parsing turns it into ``--help``), and is validated at construction so that bad input
-fails in one line before any model or dataset is loaded. Field names are unique across all
-config classes because the CLI exposes them as flat flags (``--hook``, ``--context-size``).
+fails in one line before any model or dataset is loaded. Choices are ``Literal`` types, so
+``--help`` lists them. Field names are unique across all config classes because the CLI
+exposes them as flat flags (``--hook``, ``--context-size``). This module imports no runtime
+module (only config modules and the errors), so a config loads without the training code.
 """
 
 from __future__ import annotations
 
-import contextlib
-import difflib
 import re
-import types
-import typing
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Literal
 
 from simple_parsing.helpers import Serializable
 
-from drrik.errors import check_device, read_yaml, reading, require
+from drrik.errors import check_device, reading, require
+from drrik.options import (
+    check_choices,
+    field_types,
+    field_value,
+    read_options_tree,
+    split_legacy,
+)
 from drrik.sae.config import SAEConfig
 from drrik.sae.spec import DictionarySpec
-from drrik.wandb_logging import WandbConfig
+from drrik.training_config import (
+    CheckpointConfig,
+    DistributedConfig,
+    EvalConfig,
+    TrainerConfig,
+    WandbConfig,
+    parse_sweep,
+    slot_name,
+)
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_HOOK = "blocks.12.hook_resid_post"
-DTYPES = ("float32", "bfloat16", "float16")
-SEPARATORS = ("bos", "eos", "none")
+Dtype = Literal["float32", "bfloat16", "float16"]
 _HOOK_PATTERN = re.compile(r"^[A-Za-z_][\w.]*$")
 
 
@@ -37,43 +50,37 @@ class ModelConfig(Serializable):
 
     model: str = DEFAULT_MODEL
     """Hub name (gpt2, EleutherAI/pythia-70m), local HF directory, .gguf file, or smollm2-135m."""
-    hook: str = DEFAULT_HOOK
-    """TransformerLens hook name; several comma-separated hooks share one forward pass."""
+    hook: list[str] = field(default_factory=lambda: [DEFAULT_HOOK])
+    """TransformerLens hook names; several hooks share one forward pass (--hook a b)."""
     device: str = "cpu"
     """Device of the model and the SAE: cpu, cuda, cuda:1, mps."""
-    model_dtype: str = "auto"
-    """LM precision: float32, bfloat16, float16, or auto (bfloat16 where the hardware has it)."""
+    model_dtype: Literal["auto", Dtype] = "auto"
+    """LM precision; auto is bfloat16 where the hardware has it."""
     model_n_devices: int = 1
     """Spread the model's layers over this many GPUs (for models too big for one)."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.hook, str):  # the Python API's and old config.yaml's one string
+            self.hook = [self.hook]
+        self.hook = split_legacy(self.hook, ",", "--hook")
+        check_choices(self)
         require(bool(self.model.strip()), "model", self.model, "name a model, e.g. smollm2-135m")
-        for name in self.hook_names:
+        require(bool(self.hook), "hook", self.hook, "name at least one hook")
+        for name in self.hook:
             require(
                 bool(_HOOK_PATTERN.match(name)),
                 "hook",
-                self.hook,
+                name,
                 "use TransformerLens hook names, e.g. blocks.6.hook_resid_post",
             )
-        require(
-            len(set(self.hook_names)) == len(self.hook_names),
-            "hook",
-            self.hook,
-            "list each hook once",
-        )
-        require(
-            self.model_dtype in ("auto", *DTYPES),
-            "model_dtype",
-            self.model_dtype,
-            f"use auto or one of {DTYPES}",
-        )
+        require(len(set(self.hook)) == len(self.hook), "hook", self.hook, "list each hook once")
         require(self.model_n_devices >= 1, "model_n_devices", self.model_n_devices, "use >= 1")
         check_device(self.device)
 
     @property
     def hook_names(self) -> list[str]:
-        """The hooks as a list, in the order given."""
-        return [h.strip() for h in self.hook.split(",") if h.strip()]
+        """The hooks, in the order given."""
+        return list(self.hook)
 
 
 @dataclass
@@ -98,20 +105,15 @@ class DataConfig(Serializable):
     """Tokens per context fed to the model."""
     prepend_bos: bool = True
     """Open every context with the BOS token."""
-    document_separator: str = "bos"
-    """Token placed between concatenated documents: bos, eos or none."""
+    document_separator: Literal["bos", "eos", "none"] = "bos"
+    """Token placed between concatenated documents."""
     exclude_special_tokens: bool = True
     """Drop activations at BOS, EOS and pad positions from training batches."""
 
     def __post_init__(self) -> None:
+        check_choices(self)
         require(self.context_size >= 2, "context_size", self.context_size, "use at least 2 tokens")
         require(self.holdout_every >= 2, "holdout_every", self.holdout_every, "use 2 or more")
-        require(
-            self.document_separator in SEPARATORS,
-            "document_separator",
-            self.document_separator,
-            f"use one of {SEPARATORS}",
-        )
 
 
 @dataclass
@@ -129,12 +131,13 @@ class StoreConfig(Serializable):
     """Fraction of the shuffled buffer kept back and mixed with the next refill."""
     act_store_device: str = "sae"
     """Where the buffer lives: sae (training device), model, cpu, or an explicit device."""
-    buffer_dtype: str = "model"
-    """Buffer precision: model (the model's dtype) or float32/bfloat16/float16."""
+    buffer_dtype: Literal["model", Dtype] = "model"
+    """Buffer precision: model (the model's dtype) or a dtype of its own."""
     prefetch_batches: int = 4
     """Tokenized model batches prepared ahead by the background producer thread."""
 
     def __post_init__(self) -> None:
+        check_choices(self)
         for name in ("train_batch_size_tokens", "n_batches_in_buffer", "store_batch_size_prompts"):
             value = getattr(self, name)
             require(value > 0, name, value, "use a positive number")
@@ -143,12 +146,6 @@ class StoreConfig(Serializable):
             "mix_fraction",
             self.mix_fraction,
             "use a fraction in [0, 1)",
-        )
-        require(
-            self.buffer_dtype == "model" or self.buffer_dtype in DTYPES,
-            "buffer_dtype",
-            self.buffer_dtype,
-            f"use model or one of {DTYPES}",
         )
         require(self.prefetch_batches >= 1, "prefetch_batches", self.prefetch_batches, "use >= 1")
         if self.act_store_device not in ("sae", "model"):
@@ -167,176 +164,6 @@ class StoreConfig(Serializable):
             self.n_batches_in_buffer,
             f"the buffer serves {served} tokens per refill, fewer than one training batch "
             f"({self.train_batch_size_tokens}); raise it or store_batch_size_prompts",
-        )
-
-
-B_DEC_INITS = ("geometric_median", "mean", "zeros")
-NORMALIZATIONS = ("expected_average_only_in", "none")
-SWEEPABLE = ("k", "l1_coefficient", "expansion_factor", "d_sae", "architecture")
-
-
-def slot_name(hook: str, setting: dict[str, str], several_hooks: bool) -> str:
-    """A readable, filesystem-safe name for one dictionary of a run."""
-    parts = [hook] if several_hooks or not setting else []
-    parts += [f"{k}={v}" for k, v in setting.items()]
-    return "__".join(parts)
-
-
-def parse_sweep(spec: str) -> list[dict[str, str]]:
-    """``"k=16,32;l1_coefficient=1,2"`` -> the grid of settings, one dict per SAE."""
-    grid: list[dict[str, str]] = [{}]
-    for part in filter(None, (p.strip() for p in spec.split(";"))):
-        name, eq, values = part.partition("=")
-        name = name.strip().replace("-", "_")
-        require(
-            bool(eq) and name in SWEEPABLE,
-            "sweep",
-            spec,
-            f"write field=v1,v2;field2=... with fields from {SWEEPABLE}",
-        )
-        options = [v.strip() for v in values.split(",") if v.strip()]
-        require(bool(options), "sweep", spec, f"give at least one value for {name}")
-        grid = [{**g, name: v} for g in grid for v in options]
-    return grid
-
-
-@dataclass
-class TrainerConfig(Serializable):
-    """The optimization loop: budget, optimizer, schedules, initialization, dead features."""
-
-    training_tokens: int = 250_000
-    """Training budget in activations (tokens) served to each SAE."""
-    lr: float = 1e-3
-    """Adam learning rate."""
-    adam_beta1: float = 0.9
-    """Adam beta1."""
-    adam_beta2: float = 0.999
-    """Adam beta2."""
-    max_grad_norm: float = 1.0
-    """Clip each SAE's gradient norm to this; 0 turns clipping off."""
-    lr_scheduler_name: str = "constant"
-    """constant, cosineannealing or cosineannealingwarmrestarts (between warm-up and decay)."""
-    lr_warm_up_steps: int = 0
-    """Steps of linear learning-rate warm-up."""
-    lr_decay_steps: int = 0
-    """Final steps of linear decay to lr_end_fraction x lr."""
-    lr_end_fraction: float = 0.0
-    """Learning rate at the end of cosine/decay phases, as a fraction of lr."""
-    n_restart_cycles: int = 1
-    """Cycles of cosineannealingwarmrestarts."""
-    l1_warm_up_steps: int = 0
-    """Steps of linear warm-up of the sparsity coefficient (L1 or L0)."""
-    b_dec_init_method: str = "geometric_median"
-    """Decoder-bias initialization: geometric_median, mean or zeros."""
-    normalize_activations: str = "expected_average_only_in"
-    """expected_average_only_in scales inputs to norm sqrt(d_in) (folded at save) or none."""
-    dead_feature_window: int = 100_000
-    """A feature that has not fired for this many tokens counts as dead."""
-    resample_every_tokens: int = 0
-    """Resample dead features every this many tokens (0: never)."""
-    seed: int = 42
-    """Seed for SAE initialization, buffer shuffles and sampling."""
-    autocast: bool = False
-    """bf16 autocast for the SAE forward/backward (GPU)."""
-    compile_sae: bool = False
-    """torch.compile the SAE training step."""
-    log_every_steps: int = 10
-    """Read metrics to the host, log and check for NaN every this many steps."""
-    sweep: str = ""
-    """Several SAEs from one stream: "k=16,32,64" or "l1_coefficient=1,3;expansion_factor=4,8"."""
-
-    def __post_init__(self) -> None:
-        for name in ("training_tokens", "log_every_steps"):
-            require(getattr(self, name) > 0, name, getattr(self, name), "use a positive number")
-        for name in (
-            "lr",
-            "max_grad_norm",
-            "lr_warm_up_steps",
-            "lr_decay_steps",
-            "l1_warm_up_steps",
-            "dead_feature_window",
-            "resample_every_tokens",
-        ):
-            value = getattr(self, name)
-            require(value >= 0, name, value, "use a value >= 0")
-        require(self.lr > 0, "lr", self.lr, "use a positive learning rate")
-        for name in ("adam_beta1", "adam_beta2"):
-            value = getattr(self, name)
-            require(0 <= value < 1, name, value, "use a value in [0, 1)")
-        require(
-            self.b_dec_init_method in B_DEC_INITS,
-            "b_dec_init_method",
-            self.b_dec_init_method,
-            f"use one of {B_DEC_INITS}",
-        )
-        require(
-            self.normalize_activations in NORMALIZATIONS,
-            "normalize_activations",
-            self.normalize_activations,
-            f"use one of {NORMALIZATIONS}",
-        )
-        parse_sweep(self.sweep)
-
-
-@dataclass
-class EvalConfig(Serializable):
-    """Held-out evaluation: reconstruction, sparsity and downstream CE/KL metrics."""
-
-    eval_every_tokens: int = 0
-    """Evaluate every this many training tokens (0: only at the end)."""
-    eval_contexts: int = 64
-    """Held-out contexts per evaluation (the same ones every time)."""
-    eval_batch_size_prompts: int = 16
-    """Contexts per forward pass during evaluation."""
-    dense_threshold: float = 0.1
-    """A feature firing on more than this fraction of tokens counts as dense."""
-
-    def __post_init__(self) -> None:
-        require(self.eval_every_tokens >= 0, "eval_every_tokens", self.eval_every_tokens, ">= 0")
-        for name in ("eval_contexts", "eval_batch_size_prompts"):
-            require(getattr(self, name) > 0, name, getattr(self, name), "use a positive number")
-        require(
-            0 < self.dense_threshold <= 1,
-            "dense_threshold",
-            self.dense_threshold,
-            "use a fraction in (0, 1]",
-        )
-
-
-@dataclass
-class CheckpointConfig(Serializable):
-    """When checkpoints are written and how many are kept."""
-
-    checkpoint_every_tokens: int = 0
-    """Write a checkpoint every this many training tokens (0: by time only)."""
-    checkpoint_every_minutes: float = 15.0
-    """Write a checkpoint every this many minutes (0: by tokens only)."""
-    keep_checkpoints: int = 3
-    """Keep this many most recent checkpoints."""
-
-    def __post_init__(self) -> None:
-        for name in ("checkpoint_every_tokens", "checkpoint_every_minutes"):
-            value = getattr(self, name)
-            require(value >= 0, name, value, "use a value >= 0 (0 turns it off)")
-        require(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "use >= 1")
-
-
-@dataclass
-class DistributedConfig(Serializable):
-    """Data parallelism under torchrun: how the data is split and how long ranks may wait."""
-
-    data_shards: int = 0
-    """Disjoint data streams per step, a multiple of the process count (0: one per process)."""
-    distributed_timeout_minutes: float = 10.0
-    """A collective that waits longer than this (dead or hung rank) stops the job."""
-
-    def __post_init__(self) -> None:
-        require(self.data_shards >= 0, "data_shards", self.data_shards, "use >= 0")
-        require(
-            self.distributed_timeout_minutes > 0,
-            "distributed_timeout_minutes",
-            self.distributed_timeout_minutes,
-            "use a positive number of minutes",
         )
 
 
@@ -392,61 +219,16 @@ class RunConfig(Serializable):
         ]
 
     def sae_configs_for(self, setting: dict[str, str]) -> SAEConfig:
-        """The SAE config with one sweep setting applied (and validated)."""
+        """The SAE config with one sweep setting applied, each value typed like its field."""
         values = self.sae.to_dict()
+        hints = field_types(SAEConfig)
         for name, raw in setting.items():
-            current = getattr(self.sae, name)
-            number = "a number" if name == "l1_coefficient" else "a whole number"
-            with reading("sweep", f"{name}={raw}", f"give {number}", problem="not " + number):
-                values[name] = (
-                    raw
-                    if name == "architecture"
-                    else (
-                        float(raw)
-                        if isinstance(current, float) or name == "l1_coefficient"
-                        else int(raw)
-                    )
-                )
+            values[name] = field_value(name, raw, hints[name], f"--sweep {name}={raw}")
         if "d_sae" in setting:
             values["expansion_factor"] = None
         if "expansion_factor" in setting:
             values["d_sae"] = None
         return SAEConfig(**values)
-
-
-def _field_value(name: str, value: Any, hint: Any, path: Path) -> Any:
-    """``value`` from YAML as the field's type, or a ConfigError naming the field.
-
-    YAML types do not always match the fields' (``1.5e6`` is a string, ``8.5`` a float for an
-    int field); left to the dataclass converters they fail with a traceback or truncate.
-    """
-    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-    if value is None:
-        require(type(None) in options, name, value, f"give a value in {path} (null is not allowed)")
-        return None
-    kind = next(t for t in options if t is not type(None))
-    number = isinstance(value, int | float) and not isinstance(value, bool)
-    converted: Any = None
-    if kind is bool:
-        converted = value if isinstance(value, bool) else None
-    elif kind is str:
-        converted = str(value) if isinstance(value, str) or number else None
-    elif kind in (int, float) and (number or isinstance(value, str)):
-        with contextlib.suppress(ValueError):
-            as_float = float(value)
-            if kind is float:
-                converted = as_float
-            elif as_float.is_integer():
-                converted = int(as_float)
-    expected = {bool: "true or false", str: "a string", int: "a whole number", float: "a number"}
-    require(converted is not None, name, value, f"expected {expected[kind]} in {path}")
-    return converted
-
-
-def _field_types(cls: type) -> dict[str, Any]:
-    """A dataclass's fields and their types (its ClassVars left out)."""
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in fields(cls)}
 
 
 def load_config_file(path: str | Path, device: str | None = None) -> RunConfig:
@@ -455,27 +237,7 @@ def load_config_file(path: str | Path, device: str | None = None) -> RunConfig:
     ``device`` replaces the file's ``model.device`` before the config is checked, so a run
     saved on a GPU machine resumes elsewhere with ``--device cpu``.
     """
-    path = Path(path)
-    require(path.is_file(), "config", str(path), "no such file; check the path")
-    tree = read_yaml(path, "fix the file or pass the values as flags") or {}
-    require(isinstance(tree, dict), "config", str(path), "the YAML must be a mapping of sections")
-    top = _field_types(RunConfig)
-    for section, values in tree.items():
-        require(section in top, "config", section, f"unknown section in {path}; use {sorted(top)}")
-        if not is_dataclass(top[section]):
-            tree[section] = _field_value(section, values, top[section], path)
-            continue
-        values = {} if values is None else values
-        require(
-            isinstance(values, dict), section, values, f"expected a mapping of fields in {path}"
-        )
-        hints = _field_types(top[section])
-        for name, value in values.items():
-            close = difflib.get_close_matches(str(name), hints, n=1)
-            hint = f"did you mean {section}.{close[0]}?" if close else f"use {sorted(hints)}"
-            require(name in hints, f"{section}.{name}", value, f"no such field in {path}; {hint}")
-            values[name] = _field_value(f"{section}.{name}", value, hints[name], path)
-        tree[section] = values
+    tree = read_options_tree(path, RunConfig)
     if device is not None:
         tree.setdefault("model", {})["device"] = device
     with reading("config", str(path), "fix the file or pass the values as flags"):

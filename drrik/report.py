@@ -10,7 +10,6 @@ The PNGs are also written to ``report/plots/`` and, when a wandb run is given, l
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 from collections.abc import Sequence
@@ -20,16 +19,10 @@ from typing import Any
 import torch
 
 from drrik import plots
-from drrik.analysis import (
-    AnalysisResults,
-    Example,
-    SavedSAE,
-    add_analysis_arguments,
-    analysis_config,
-    analyze,
-)
-from drrik.errors import check_device, require
+from drrik.analysis import AnalysisResults, Example, analyze
+from drrik.errors import require
 from drrik.run_dir import RunDir, write_text_atomic
+from drrik.saved import SavedSAE
 
 REPORT_DIR = "report"
 REPORT_FILE = "index.html"
@@ -283,40 +276,3 @@ def write_report(
     index = out_dir / REPORT_FILE
     write_text_atomic(index, document)
     return index
-
-
-def cmd_report(argv: list[str]) -> int:
-    """``drrik report DIR``: write the HTML report of a run (analysing it first if needed)."""
-    parser = argparse.ArgumentParser(
-        prog="drrik report",
-        description="Write a self-contained HTML report: run summary, metrics, plots and a page "
-        "per selected feature. Reuses the saved analysis (drrik analyze) or runs one.",
-    )
-    parser.add_argument("dir", type=Path, help="run directory or saved SAE directory")
-    parser.add_argument("--features", help="comma-separated feature ids (default: a spread)")
-    parser.add_argument("--n-features", type=int, default=DEFAULT_N_FEATURES)
-    parser.add_argument("--out", type=Path, help="report directory (default: DIR/report)")
-    add_analysis_arguments(parser)
-    args = parser.parse_args(argv)
-    check_device(args.device)
-    features = None
-    if args.features:
-        try:
-            features = [int(f) for f in args.features.split(",") if f.strip()]
-        except ValueError:
-            require(False, "features", args.features, "give comma-separated integers")
-    index = write_report(
-        args.dir,
-        features=features,
-        n_features=args.n_features,
-        sae_name=args.sae,
-        out=args.out,
-        analyze_kwargs={
-            "cfg": analysis_config(args),
-            "model": args.model,
-            "dataset": args.dataset,
-            "device": args.device,
-        },
-    )
-    print(f"report: {index.resolve()}")
-    return 0

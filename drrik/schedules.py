@@ -2,10 +2,11 @@
 
 The learning rate runs in three phases over ``total_steps`` optimizer steps:
 
-1. warm-up (``warmup_steps``): linear from ``1 / warmup_steps`` to 1;
-2. main phase: ``constant`` (1), ``cosineannealing`` (1 down to ``lr_end_fraction``) or
-   ``cosineannealingwarmrestarts`` (``n_restart_cycles`` such cosines back to back);
-3. decay (``decay_steps``): linear from where the main phase ended down to
+1. warm-up (``lr_warm_up_steps``): linear from ``1 / lr_warm_up_steps`` to 1;
+2. main phase (``lr_scheduler_name``): ``constant`` (1), ``cosineannealing`` (1 down to
+   ``lr_end_fraction``) or ``cosineannealingwarmrestarts`` (``n_restart_cycles`` such cosines
+   back to back);
+3. decay (``lr_decay_steps``): linear from where the main phase ended down to
    ``lr_end_fraction``, reached on the last step.
 
 Unlike a chain of torch schedulers, the curve is continuous between phases (a cosine is not
@@ -16,66 +17,49 @@ followed by a jump back to the full rate). :func:`build_lr_scheduler` wraps it i
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import typing
+from dataclasses import dataclass, fields
 
 import torch
 
 from drrik.errors import require
+from drrik.training_config import LRScheduleConfig, LRScheduler
 
-LR_SCHEDULES = ("constant", "cosineannealing", "cosineannealingwarmrestarts")
+LR_SCHEDULES = typing.get_args(LRScheduler)
 
 
 @dataclass
-class LRSchedule:
-    """Multiplier of the base learning rate at each step; call it as ``schedule(step)``."""
+class LRSchedule(LRScheduleConfig):
+    """Multiplier of the base learning rate at each step; call it as ``schedule(step)``.
 
-    name: str = "constant"
+    Its fields are the trainer config's (``--lr-warm-up-steps``, ...), validated there, so
+    every error names a real flag; only whether the phases fit in ``total_steps`` is new.
+    """
+
     total_steps: int = 1
-    warmup_steps: int = 0
-    decay_steps: int = 0
-    lr_end_fraction: float = 0.0
-    n_restart_cycles: int = 1
 
     def __post_init__(self) -> None:
-        require(
-            self.name in LR_SCHEDULES,
-            "lr_schedule",
-            self.name,
-            f"use one of {', '.join(LR_SCHEDULES)}",
-        )
+        super().__post_init__()
         require(self.total_steps > 0, "total_steps", self.total_steps, "use a positive int")
-        require(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "use an int >= 0")
-        require(self.decay_steps >= 0, "decay_steps", self.decay_steps, "use an int >= 0")
         require(
-            self.warmup_steps + self.decay_steps <= self.total_steps,
-            "warmup_steps",
-            self.warmup_steps,
-            f"warm-up + decay ({self.warmup_steps} + {self.decay_steps}) must fit in "
-            f"{self.total_steps} total steps",
-        )
-        require(
-            0.0 <= self.lr_end_fraction <= 1.0,
-            "lr_end_fraction",
-            self.lr_end_fraction,
-            "use a fraction of the base learning rate in [0, 1]",
-        )
-        require(
-            self.n_restart_cycles >= 1,
-            "n_restart_cycles",
-            self.n_restart_cycles,
-            "use an int >= 1",
+            self.lr_warm_up_steps + self.lr_decay_steps <= self.total_steps,
+            "lr_warm_up_steps",
+            self.lr_warm_up_steps,
+            f"lr_warm_up_steps + lr_decay_steps ({self.lr_warm_up_steps} + "
+            f"{self.lr_decay_steps}) must fit in the run's {self.total_steps} optimizer steps; "
+            "lower them or raise training_tokens",
         )
 
     @property
     def main_steps(self) -> int:
         """Length of the main phase."""
-        return self.total_steps - self.warmup_steps - self.decay_steps
+        return self.total_steps - self.lr_warm_up_steps - self.lr_decay_steps
 
     def _main(self, t: int) -> float:
         """Main-phase factor ``t`` steps into it (``t`` may equal ``main_steps``)."""
-        if self.name == "constant" or self.main_steps == 0:
+        if self.lr_scheduler_name == "constant" or self.main_steps == 0:
             return 1.0
-        if self.name == "cosineannealing":
+        if self.lr_scheduler_name == "cosineannealing":
             progress = min(t / self.main_steps, 1.0)
         else:
             cycle = math.ceil(self.main_steps / self.n_restart_cycles)
@@ -85,39 +69,27 @@ class LRSchedule:
 
     def lr_factor(self, step: int) -> float:
         """Learning-rate multiplier at optimizer step ``step`` (0-based)."""
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        t = step - self.warmup_steps
+        if step < self.lr_warm_up_steps:
+            return (step + 1) / self.lr_warm_up_steps
+        t = step - self.lr_warm_up_steps
         if t < self.main_steps:
             return self._main(t)
-        if self.decay_steps == 0:
+        if self.lr_decay_steps == 0:
             return self._main(self.main_steps)
         start = self._main(self.main_steps)
-        done = min((t - self.main_steps + 1) / self.decay_steps, 1.0)
+        done = min((t - self.main_steps + 1) / self.lr_decay_steps, 1.0)
         return start + (self.lr_end_fraction - start) * done
 
     __call__ = lr_factor
 
 
 def build_lr_scheduler(
-    optimizer: torch.optim.Optimizer,
-    name: str = "constant",
-    total_steps: int = 1,
-    warmup_steps: int = 0,
-    decay_steps: int = 0,
-    lr_end_fraction: float = 0.0,
-    n_restart_cycles: int = 1,
+    optimizer: torch.optim.Optimizer, cfg: LRScheduleConfig, total_steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """A ``LambdaLR`` following :class:`LRSchedule`; call ``scheduler.step()`` after each
-    ``optimizer.step()``."""
-    schedule = LRSchedule(
-        name=name,
-        total_steps=total_steps,
-        warmup_steps=warmup_steps,
-        decay_steps=decay_steps,
-        lr_end_fraction=lr_end_fraction,
-        n_restart_cycles=n_restart_cycles,
-    )
+    """A ``LambdaLR`` following ``cfg``'s schedule (the trainer config) over ``total_steps``;
+    call ``scheduler.step()`` after each ``optimizer.step()``."""
+    values = {f.name: getattr(cfg, f.name) for f in fields(LRScheduleConfig)}
+    schedule = LRSchedule(**values, total_steps=total_steps)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=schedule)
 
 

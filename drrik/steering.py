@@ -19,7 +19,7 @@ steer as well. With every strength 0 in ``add`` mode the output is exactly the u
 
 from __future__ import annotations
 
-import argparse
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,15 +27,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from drrik.analysis import AnalysisConfig, SavedSAE, analyze
+from drrik.analysis import AnalysisConfig, analyze
 from drrik.data import SpecialTokens
-from drrik.errors import check_device, reading, require
+from drrik.errors import check_device, require
 from drrik.generation import Edit, generate_tokens
 from drrik.model import run_hooks
+from drrik.options import SteerMode, SteerUnits
 from drrik.sae import SAE
+from drrik.saved import SavedSAE
 
-MODES = ("add", "clamp")
-UNITS = ("max", "absolute")
+MODES = typing.get_args(SteerMode)
+UNITS = typing.get_args(SteerUnits)
 CALIBRATION_TOKENS = 16_384
 """Tokens analysed to find features' max activations when a run has no saved analysis."""
 
@@ -316,87 +318,3 @@ class SAESteering:
         require(0 <= feature_idx < self.sae.d_sae, "feature", feature_idx, "no such feature")
         row = self.sae.W_dec[feature_idx].detach().float().cpu()
         return row / row.norm().clamp_min(1e-12) if normalize else row
-
-
-def cmd_steer(argv: list[str]) -> int:
-    """``drrik steer DIR``: generate with SAE features steered; print baseline and steered."""
-    parser = argparse.ArgumentParser(
-        prog="drrik steer",
-        description="Generate text with SAE feature directions added (or clamped) at the SAE's "
-        "hook, and print it next to the unsteered baseline.",
-    )
-    parser.add_argument("dir", type=Path, help="run directory or saved SAE directory")
-    parser.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
-    parser.add_argument("--feature", type=int, action="append", default=[], help="repeatable")
-    parser.add_argument(
-        "--strength",
-        type=float,
-        action="append",
-        default=[],
-        help="one for all features or one per --feature (default 1)",
-    )
-    parser.add_argument("--compare", help="comma-separated strengths: a table for one feature")
-    parser.add_argument("--mode", choices=MODES, default="add")
-    parser.add_argument("--units", choices=UNITS, default="max")
-    parser.add_argument("--max-new-tokens", type=int, default=30)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-p", type=float)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--find", action="store_true", help="list the features active on prompts")
-    parser.add_argument("--sae", help="which SAE of a run that trained several")
-    parser.add_argument("--model", help="model (default: the one the SAE was trained on)")
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args(argv)
-    strengths = args.strength or [1.0]
-    require(
-        len(strengths) in (1, len(args.feature)),
-        "strength",
-        strengths,
-        "give one --strength for all features or one per --feature",
-    )
-    # Every argument is checked here, before the model loads (tens of seconds).
-    require(args.max_new_tokens > 0, "max_new_tokens", args.max_new_tokens, "use a positive number")
-    require(args.temperature >= 0, "temperature", args.temperature, "use a value >= 0 (0: greedy)")
-    top_p = args.top_p
-    require(top_p is None or 0 < top_p <= 1, "top_p", top_p, "use a fraction in (0, 1]")
-    values: list[float] = []
-    if args.compare:
-        fix = "give comma-separated numbers, e.g. 2,5,10"
-        with reading("compare", args.compare, fix, problem="not a list of strengths"):
-            values = [float(s) for s in args.compare.split(",") if s.strip()]
-        require(bool(values), "compare", args.compare, "give at least one strength")
-    require(
-        args.find or bool(args.feature),
-        "feature",
-        None,
-        "name at least one --feature (or use --find)",
-    )
-    check_device(args.device)
-    SavedSAE.locate(args.dir, args.sae).check_features(args.feature)
-    steering = SAESteering.from_run(
-        args.dir, model=args.model, device=args.device, sae_name=args.sae
-    )
-    if args.find:
-        for prompt in args.prompt:
-            print(f"features active on {prompt!r}:")
-            for row in steering.find_steering_features(prompt):
-                print(f"  {row}")
-        return 0
-    common = {
-        "mode": args.mode,
-        "units": args.units,
-        "max_new_tokens": args.max_new_tokens,
-        "temperature": args.temperature,
-        "seed": args.seed,
-    }
-    if args.compare:
-        for prompt in args.prompt:
-            steering.compare_steering(prompt, args.feature[0], values, **common)
-        return 0
-    base = steering.generate_batch(args.prompt, top_p=args.top_p, **common)
-    steered = steering.generate_batch(
-        args.prompt, args.feature, strengths, top_p=args.top_p, **common
-    )
-    for prompt, b, s in zip(args.prompt, base, steered, strict=True):
-        print(f"prompt:   {prompt!r}\nbaseline: {b!r}\nsteered:  {s!r}\n")
-    return 0

@@ -1,6 +1,7 @@
 """Weights & Biases logging that a long run can resume and that never carries a secret.
 
-``WandbConfig`` is the part of a run's config that chooses where charts go; whether W&B is on
+``WandbConfig`` (defined with the rest of the config in :mod:`drrik.training_config`, kept
+importable here) is the part of a run's config that chooses where charts go; whether W&B is on
 at all may also come from the environment (``WANDB_MODE``, see :mod:`drrik.settings`).
 ``WandbLogger`` is a no-op when W&B is disabled, so the trainer calls it unconditionally. A
 resumed training run passes the W&B run id it saved, and its charts continue in the same run.
@@ -10,65 +11,18 @@ from __future__ import annotations
 
 import numbers
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import torch
-from simple_parsing.helpers import Serializable
 
-from drrik.errors import ConfigError, require
+from drrik.config import WandbConfig
+from drrik.errors import ConfigError
 from drrik.settings import SECRETS, EnvironmentSettings, get_settings
 
-WANDB_MODES = ("online", "offline", "disabled")
-DEFAULT_PROJECT = "drrik"
 # Keys every SAE's row of one step shares; they are logged once, unprefixed.
 SHARED_KEYS = ("step", "tokens", "tokens_per_second", "elapsed_s")
-
-
-@dataclass
-class WandbConfig(Serializable):
-    """Where training curves, histograms and the final SAE go on Weights & Biases."""
-
-    wandb_mode: str = ""
-    """online, offline or disabled; empty takes WANDB_MODE from the environment/.env, else off."""
-    wandb_project: str = DEFAULT_PROJECT
-    """W&B project; WANDB_PROJECT from the environment/.env replaces the default drrik."""
-    wandb_entity: str | None = None
-    """W&B user or team; unset takes WANDB_ENTITY from the environment/.env, else your default."""
-    wandb_run_name: str | None = None
-    """Display name of the W&B run; unset lets W&B choose one."""
-    wandb_log_artifact: bool = False
-    """Upload the final SAE directory as a W&B model artifact."""
-
-    def __post_init__(self) -> None:
-        require(
-            self.wandb_mode in ("", *WANDB_MODES),
-            "wandb_mode",
-            self.wandb_mode,
-            f"use one of {WANDB_MODES}, or leave it empty to follow WANDB_MODE",
-        )
-        require(bool(self.wandb_project.strip()), "wandb_project", self.wandb_project, "name one")
-
-    def resolved_mode(self, settings: EnvironmentSettings | None = None) -> str:
-        """The mode in force: this config's, else the environment's, else disabled."""
-        if self.wandb_mode:
-            return self.wandb_mode
-        mode = (settings or get_settings()).wandb_mode or "disabled"
-        require(
-            mode in WANDB_MODES,
-            "WANDB_MODE",
-            mode,
-            f"set it to one of {WANDB_MODES} or pass --wandb-mode",
-        )
-        return mode
-
-    def resolved_project(self, settings: EnvironmentSettings | None = None) -> str:
-        """This config's project unless it is the default and WANDB_PROJECT names another."""
-        if self.wandb_project != DEFAULT_PROJECT:
-            return self.wandb_project
-        return (settings or get_settings()).wandb_project or DEFAULT_PROJECT
 
 
 def rows_to_metrics(rows: list[dict[str, Any]]) -> dict[str, Any]:

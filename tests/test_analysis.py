@@ -12,13 +12,13 @@ from drrik.analysis import (
     AnalysisConfig,
     AnalysisResults,
     FeatureAnalyzer,
-    SavedSAE,
     analyze,
-    cmd_analyze,
     sample_priority,
 )
+from drrik.cli import main
 from drrik.data import SpecialTokens
 from drrik.model import run_hooks
+from drrik.saved import SavedSAE
 
 N_CONTEXTS, LENGTH = 10, 24
 CFG = AnalysisConfig(top_k=4, n_bands=2, band_samples=2, window=8, batch_size_prompts=3)
@@ -161,9 +161,13 @@ def test_analyze_a_run_and_cli(tiny_model, tiny_model_dir, tmp_path, capsys):
     results = analyze(run, AnalysisConfig(n_tokens=160, batch_size_prompts=2), model=tiny_model)
     assert results.meta["n_contexts"] == 5  # ceil(160 / 32)
     assert SavedSAE.locate(run).load_analysis().tensors["count"].equal(results.tensors["count"])
-    assert cmd_analyze([str(run), "--tokens", "64", "--batch-size-prompts", "2"]) == 0
+    argv = [str(run), "--tokens", "64", "--batch-size-prompts", "2", "--logit-k", "3"]
+    assert main(["analyze", *argv, "--seed", "7"]) == 0
     assert "analysed" in capsys.readouterr().out
-    assert AnalysisResults.load(run / "analysis").meta["n_contexts"] == 2
+    saved = AnalysisResults.load(run / "analysis")
+    assert saved.meta["n_contexts"] == 2
+    assert saved.meta["config"]["logit_k"] == 3 and saved.meta["config"]["seed"] == 7
+    assert saved.tensors["logit_pos_ids"].shape[1] == 3
 
 
 def test_locate_refuses_what_is_not_an_sae(tmp_path: Path):

@@ -217,7 +217,7 @@ CASES: dict[str, Bad] = {
         named="features.safetensors",
         files={ANALYSIS: json.dumps({"meta": {}, "vocab": {}}), TENSORS: b"\x08\x00junk"},
     ),
-    "report-features-not-ints": on_run("report", "--features", "1,two", named="1,two"),
+    "report-features-not-ints": on_run("report", "--features", "1", "two", named="'two'"),
     "report-feature-out-of-range": on_run(
         "report", "--features", f"3,{D_SAE}", named=f"features={D_SAE}"
     ),
@@ -242,7 +242,7 @@ CASES: dict[str, Bad] = {
         named="[1.0, 2.0, 3.0]",
     ),
     "steer-compare-not-numbers": on_run(
-        "steer", "--prompt", "Hi", "--feature", "1", "--compare", "2,lots", named="2,lots"
+        "steer", "--prompt", "Hi", "--feature", "1", "--compare", "2", "lots", named="'lots'"
     ),
     "steer-max-new-tokens-0": on_run(
         "steer",

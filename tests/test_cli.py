@@ -19,9 +19,17 @@ from typing import Any
 import pytest
 import yaml
 
-from drrik.cli import main, parse_train_args
-from drrik.config import RunConfig, TrainerConfig
+from drrik.cli import main, parse_options, parse_train_args
+from drrik.config import ModelConfig, RunConfig, TrainerConfig, load_config_file
 from drrik.errors import ConfigError
+from drrik.options import (
+    AnalysisConfig,
+    AnalyzeOptions,
+    EvalOptions,
+    ReportOptions,
+    StatusOptions,
+    SteerOptions,
+)
 from drrik.sae import KNOWN_ARCHITECTURES, SAEConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -100,7 +108,7 @@ BAD_FLAGS: dict[str, tuple[list[str], str, str]] = {
     "d_sae-and-expansion_factor": (["--d-sae", "128"], "d_sae", "not both"),
     "topk-without-k": ([], "k", "needs k"),  # the valid flags' --k 8 is dropped
     "negative-l1-coefficient": (["--l1-coefficient", "-1"], "l1_coefficient", ">= 0"),
-    "negative-lr": (["--lr", "-0.001"], "lr", ">= 0"),
+    "negative-lr": (["--lr", "-0.001"], "lr", "positive"),
     "zero-lr": (["--lr", "0"], "lr", "positive"),
     "budget-below-one-batch": (["--training-tokens", "10"], "training_tokens", "one batch"),
     "unknown-architecture": (["--architecture", "resnet"], "architecture", "use one of"),
@@ -211,3 +219,176 @@ def test_real_command_exits_2_with_one_stderr_line(tmp_path: Path) -> None:
         "drrik train: error: d_sae=64: set either d_sae or expansion_factor, not both"
     ]
     assert not any(tmp_path.iterdir())
+
+
+# -- one parser per command, on the options dataclasses -------------------------------------
+
+FROM_YAML: dict[str, tuple[dict[str, Any], list[str], Any]] = {
+    "eval": (
+        {"eval_contexts": 8, "json": True},
+        ["--eval-contexts", "4"],
+        EvalOptions(eval_contexts=4, json=True),
+    ),
+    "status": ({"json": True}, [], StatusOptions(json=True)),
+    "analyze": (
+        {"device": "cpu", "analysis": {"logit_k": 3, "top_k": 2}},
+        ["--top-k", "5"],
+        AnalyzeOptions(analysis=AnalysisConfig(logit_k=3, top_k=5)),
+    ),
+    "report": (
+        {"features": [1, 2], "n_features": 5},
+        [],
+        ReportOptions(features=[1, 2], n_features=5),
+    ),
+    "steer": (
+        {"prompt": ["hi"], "mode": "clamp"},
+        ["--units", "absolute"],
+        SteerOptions(prompt=["hi"], mode="clamp", units="absolute"),
+    ),
+}
+
+
+@pytest.mark.parametrize("command", list(FROM_YAML))
+def test_every_command_reads_config_yaml_and_flags_win(command: str, tmp_path: Path) -> None:
+    tree, flags, expected = FROM_YAML[command]
+    path = tmp_path / "options.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    where, opts = parse_options(command, ["somewhere", "--config", str(path), *flags])
+    assert where == Path("somewhere") and opts == expected
+    path.write_text(yaml.safe_dump({"no_such_option": 1}))
+    with pytest.raises(ConfigError, match="no_such_option"):
+        parse_options(command, ["somewhere", "--config", str(path)])
+
+
+HELP_CHOICES = {
+    "train": [
+        "{auto,float32,bfloat16,float16}",
+        "{bos,eos,none}",
+        "{model,float32,bfloat16,float16}",
+        "{constant,cosineannealing,cosineannealingwarmrestarts}",
+        "{geometric_median,mean,zeros}",
+        "{expected_average_only_in,none}",
+        "{,online,offline,disabled}",
+    ],
+    "steer": ["{add,clamp}", "{max,absolute}"],
+    "analyze": ["--logit-k", "--seed", "--tokens"],
+    "report": ["--logit-k", "--features", "--n-features"],
+    "eval": ["--eval-split", "--json"],
+    "status": ["--json"],
+}
+
+
+@pytest.mark.parametrize("command", list(HELP_CHOICES))
+def test_help_lists_the_choices_and_config(command: str, capfd: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    out = capfd.readouterr().out
+    assert exit_.value.code == 0
+    assert "--config" in out
+    for text in HELP_CHOICES[command]:
+        assert text in out, text
+
+
+def test_bad_choice_exits_2(capfd: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["steer", "d", "--prompt", "x", "--feature", "1", "--mode", "subtract"])
+    assert exit_.value.code == 2
+    assert "invalid choice: 'subtract'" in capfd.readouterr().err.splitlines()[-1]
+
+
+def test_cli_options_equal_the_python_api_dataclasses() -> None:
+    """``drrik analyze --logit-k N --seed S`` reaches the AnalysisConfig analyze() takes."""
+    _, opts = parse_options("analyze", ["d", "--logit-k", "5", "--seed", "3", "--tokens", "128"])
+    assert opts.analysis == AnalysisConfig(logit_k=5, seed=3, n_tokens=128)
+    _, opts = parse_options(
+        "steer", ["d", "--prompt", "a", "b", "--prompt", "c", "--feature", "1", "2"]
+    )
+    assert opts == SteerOptions(prompt=["a", "b", "c"], feature=[1, 2])
+    flags = ["--hook", "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    cfg = parse_train_args([*flags, "--sweep", "k=16,32", "--architecture", "topk", "--k", "8"])
+    assert cfg.model == ModelConfig(hook=flags[1:])
+    assert cfg.trainer == TrainerConfig(sweep=["k=16,32"])
+
+
+def test_dictionaries_name_and_type_the_sweep() -> None:
+    cfg = RunConfig(
+        model=ModelConfig(hook=["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]),
+        trainer=TrainerConfig(sweep=["l1_coefficient=1,2.5", "expansion_factor=4"]),
+    )
+    specs = cfg.dictionaries()
+    assert [s.name for s in specs] == [
+        f"blocks.{i}.hook_resid_post__l1_coefficient={v}__expansion_factor=4"
+        for i in (0, 1)
+        for v in ("1", "2.5")
+    ]
+    assert [s.sae.l1_coefficient for s in specs[:2]] == [1.0, 2.5]
+    assert specs[0].sae.expansion_factor == 4 and specs[0].reads == ("blocks.0.hook_resid_post",)
+    with pytest.raises(ConfigError, match="k=abc"):
+        RunConfig(trainer=TrainerConfig(sweep=["k=abc"]))
+
+
+HOOKS = "blocks.0.hook_resid_post blocks.1.hook_resid_post"
+DEPRECATED: dict[str, tuple[str, list[str], str]] = {
+    "hook": ("train", ["--hook", HOOKS.replace(" ", ",")], f"--hook {HOOKS}"),
+    "sweep": (
+        "train",
+        ["--sweep", "k=16,32;l1_coefficient=1,2"],
+        "--sweep k=16,32 l1_coefficient=1,2",
+    ),
+    "features": ("report", ["d", "--features", "0,3"], "--features 0 3"),
+    "compare": ("steer", ["d", "--prompt", "p", "--compare", "2,5"], "--compare 2 5"),
+    "keep-special-tokens": (
+        "analyze",
+        ["d", "--keep-special-tokens"],
+        "--ignore-special-tokens false",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(DEPRECATED))
+def test_old_flags_work_with_a_deprecation_line(
+    case: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    command, old, new = DEPRECATED[case]
+    flag = new.split()[0]
+    modern = [*old[: old.index(flag) if flag in old else len(old)], *new.split()]
+    if flag not in old:  # a renamed flag
+        modern = [a for a in old if not a.startswith("--")] + new.split()
+    capfd.readouterr()
+    if command == "train":
+        got, want = parse_train_args(old), parse_train_args(modern)
+        assert (got.model, got.trainer) == (want.model, want.trainer)
+    else:
+        assert parse_options(command, old) == parse_options(command, modern)
+    err = capfd.readouterr().err
+    assert err.splitlines()[0].endswith(f"is deprecated; write {new}"), err
+
+
+def test_old_run_config_with_one_hook_string_loads(tmp_path: Path) -> None:
+    """config.yaml of runs saved before hooks and sweeps were lists."""
+    path = tmp_path / "config.yaml"
+    tree = RunConfig().to_dict()
+    tree["model"]["hook"] = "blocks.1.hook_resid_post"
+    tree["trainer"]["sweep"] = ""
+    path.write_text(yaml.safe_dump(tree))
+    cfg = load_config_file(path)
+    assert cfg.model.hook == ["blocks.1.hook_resid_post"] and cfg.trainer.sweep == []
+    assert cfg.model.hook_names == ["blocks.1.hook_resid_post"]
+
+
+def test_status_options_and_help_load_no_torch() -> None:
+    """``drrik status`` must stay fast: the CLI and the options import neither torch nor
+    datasets (``drrik/__init__`` is bypassed here; it is made lazy on its own)."""
+    code = """
+import importlib.util, sys, types
+sys.modules["torch"] = sys.modules["datasets"] = None  # importing them now fails
+package = types.ModuleType("drrik")
+package.__path__ = importlib.util.find_spec("drrik").submodule_search_locations
+sys.modules["drrik"] = package
+from drrik.cli import main
+main(["status", "--help"])
+"""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "--json" in proc.stdout

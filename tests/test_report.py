@@ -13,7 +13,8 @@ import pytest
 from saved_sae import make_run, text_file
 
 from drrik.analysis import AnalysisConfig, analyze
-from drrik.report import cmd_report, select_features, write_report
+from drrik.cli import main
+from drrik.report import select_features, write_report
 
 CHROMIUM_FLAGS = [
     "--headless",
@@ -59,7 +60,7 @@ def test_report_is_self_contained(report, run):
 
 
 def test_select_features_spreads_over_alive_features(run):
-    from drrik.analysis import SavedSAE
+    from drrik.saved import SavedSAE
 
     results = SavedSAE.locate(run).load_analysis()
     chosen = select_features(results, 6)
@@ -70,7 +71,7 @@ def test_select_features_spreads_over_alive_features(run):
 
 
 def test_cmd_report_with_features(run, tmp_path, capsys):
-    assert cmd_report([str(run), "--features", "0,3", "--out", str(tmp_path)]) == 0
+    assert main(["report", str(run), "--features", "0", "3", "--out", str(tmp_path)]) == 0
     assert str(tmp_path / "index.html") in capsys.readouterr().out
     page = (tmp_path / "index.html").read_text()
     assert re.findall(r'id="f(\d+)"', page) == ["0", "3"]

@@ -7,10 +7,11 @@ import pytest
 import torch
 from saved_sae import HOOK, make_run, sparse_sae, text_file
 
+from drrik.cli import main
 from drrik.errors import ConfigError
 from drrik.model import load_model
 from drrik.sae import SAEConfig, build_sae
-from drrik.steering import SAESteering, cmd_steer
+from drrik.steering import SAESteering
 
 PROMPTS = ["The capital of France is", "def main():\n    return", "Hello"]
 NEW = 6
@@ -125,8 +126,8 @@ def test_refusals(steering):
 def test_cmd_steer(tiny_model, tiny_model_dir, tmp_path, capsys):
     run = make_run(tmp_path / "run", tiny_model, tiny_model_dir, text_file(tmp_path / "d.txt"))
     argv = [str(run), "--prompt", PROMPTS[0], "--prompt", PROMPTS[2], "--max-new-tokens", "4"]
-    assert cmd_steer([*argv, "--feature", "5", "--strength", "300"]) == 0
+    assert main(["steer", *argv, "--feature", "5", "--strength", "300"]) == 0
     out = capsys.readouterr().out
     assert out.count("baseline:") == 2 and out.count("steered:") == 2
-    assert cmd_steer([*argv, "--find"]) == 0
+    assert main(["steer", *argv, "--find"]) == 0
     assert "'feature':" in capsys.readouterr().out

@@ -1,0 +1,123 @@
+"""A saved SAE and the run it came from: what analysis, report, steering and eval load.
+
+It finds the SAE (:func:`drrik.run_dir.locate_saved_sae`), reads its ``cfg.json`` and the
+run's ``config.yaml``, loads its model, data settings and saved analysis, and says where its
+analysis and report go. Every read that can fail is cheap and comes before the model loads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from drrik.analysis_results import ANALYSIS_DIR, META_FILE, AnalysisResults
+from drrik.config import DataConfig, RunConfig, load_config_file
+from drrik.errors import require
+from drrik.model import check_hooks, load_model
+from drrik.run_dir import CONFIG_FILE, locate_saved_sae
+from drrik.sae import SAE, load_sae
+from drrik.sae.saving import SAVED_SAE_FIX, read_sae_cfg
+
+
+@dataclass
+class SavedSAE:
+    """A saved SAE, the run it belongs to (if any), and where its analysis and report go.
+
+    A run keeps them beside ``final/``: ``analysis/``, ``report/`` (``analysis/<name>/`` when
+    the run trained several SAEs). A bare SAE directory keeps them inside itself, so saving a
+    new SAE over it also removes the now stale analysis.
+    """
+
+    sae_dir: Path
+    run_dir: Path | None
+    output_root: Path
+    name: str | None
+    metadata: dict[str, Any]
+    cfg_json: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def locate(cls, path: str | Path, name: str | None = None) -> SavedSAE:
+        """Accept a run directory, its ``final/`` directory, or any saved SAE directory."""
+        where = locate_saved_sae(path, name)
+        sae_dir, run_dir, name = where.sae_dir, where.run_dir, where.name
+        cfg_json = read_sae_cfg(sae_dir)
+        return cls(sae_dir, run_dir, run_dir or sae_dir, name, cfg_json["metadata"], cfg_json)
+
+    @property
+    def d_sae(self) -> int:
+        """The SAE's width from ``cfg.json``: feature ids are checked against it before any
+        model loads."""
+        d_sae = self.cfg_json.get("d_sae")
+        require(
+            isinstance(d_sae, int) and d_sae > 0,
+            "file",
+            str(self.sae_dir / "cfg.json"),
+            f"it gives no positive integer d_sae; {SAVED_SAE_FIX}",
+        )
+        return d_sae
+
+    def check_features(self, features: Iterable[int], field: str = "feature") -> None:
+        """Refuse feature ids outside ``[0, d_sae)``."""
+        for f in features:
+            require(0 <= f < self.d_sae, field, f, f"use ids in [0, {self.d_sae})")
+
+    def output_dir(self, kind: str) -> Path:
+        """``analysis`` or ``report`` directory of this SAE."""
+        base = self.output_root / kind
+        return base / self.name if self.name else base
+
+    @property
+    def analysis_dir(self) -> Path:
+        return self.output_dir(ANALYSIS_DIR)
+
+    @property
+    def hook(self) -> str:
+        hook = self.metadata.get("hook_name")
+        require(bool(hook), "hook", hook, "the SAE's cfg.json names no metadata.hook_name")
+        return str(hook)
+
+    def _run_config(self) -> RunConfig | None:
+        """The run's config.yaml, checked; its device is not used here, so not checked."""
+        if self.run_dir is None or not (self.run_dir / CONFIG_FILE).is_file():
+            return None
+        return load_config_file(self.run_dir / CONFIG_FILE, device="cpu")
+
+    def data_config(self, dataset: str | None = None) -> DataConfig:
+        """The run's data settings (config.yaml), else what the SAE's metadata records."""
+        saved = self._run_config()
+        if saved is not None:
+            values = saved.data.to_dict()
+        else:
+            values = {
+                "dataset": self.metadata.get("dataset_path", "drrik-offline"),
+                "context_size": int(self.metadata.get("context_size", 128)),
+                "prepend_bos": bool(self.metadata.get("prepend_bos", True)),
+            }
+        if dataset is not None:
+            values.update(dataset=dataset, eval_split=None, dataset_config=None)
+        return DataConfig.from_dict(values)
+
+    def model_name(self, override: str | None = None) -> str:
+        name = override or self.metadata.get("model_name")
+        require(bool(name), "model", name, "the SAE names no model; pass --model")
+        return str(name)
+
+    def load_model(self, model: Any = None, device: str = "cpu") -> Any:
+        """The SAE's language model (``model``: a name, a loaded model, or None), hook checked."""
+        if model is None or isinstance(model, str):
+            saved = self._run_config()
+            dtype = saved.model.model_dtype if saved else "float32"
+            model = load_model(self.model_name(model), device=device, dtype=dtype)
+        check_hooks(model, [self.hook])
+        return model
+
+    def load_sae(self, device: str = "cpu") -> SAE:
+        return load_sae(self.sae_dir, device=device)
+
+    def has_analysis(self) -> bool:
+        return (self.analysis_dir / META_FILE).is_file()
+
+    def load_analysis(self) -> AnalysisResults:
+        return AnalysisResults.load(self.analysis_dir)
