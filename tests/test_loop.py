@@ -12,7 +12,14 @@ import pytest
 import torch
 
 from drrik.checkpoint import CheckpointManager
-from drrik.config import CheckpointConfig, EvalConfig, RunConfig, StoreConfig, TrainerConfig
+from drrik.config import (
+    CheckpointConfig,
+    EvalConfig,
+    ModelConfig,
+    RunConfig,
+    StoreConfig,
+    TrainerConfig,
+)
 from drrik.distributed import Distributed
 from drrik.learner import Learner
 from drrik.run import Run
@@ -61,6 +68,7 @@ class StandInEvaluator:
 
 def make_run(tmp_path: Path, store: StandInStore, **sections: dict[str, Any]) -> Run:
     cfg = RunConfig(
+        model=ModelConfig(hook=[HOOK]),
         store=StoreConfig(train_batch_size_tokens=BATCH, n_batches_in_buffer=8),
         sae=SAEConfig(architecture="relu", d_sae=16),
         trainer=TrainerConfig(
@@ -72,7 +80,6 @@ def make_run(tmp_path: Path, store: StandInStore, **sections: dict[str, Any]) ->
         ),
         out=str(tmp_path),
     )
-    cfg.model.hook = HOOK
     cfg.distributed.data_shards = 1
     holder: list[Run] = []
     run = Run(
