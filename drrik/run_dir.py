@@ -1,29 +1,62 @@
-"""The run directory: its layout, the saved config, and the metrics log.
+"""The run directory: its layout, and every rule for reading, writing and holding it.
 
-Layout: ``config.yaml`` (the full config used), ``metrics.jsonl`` (one JSON object per logging
-step and SAE), ``final/`` (the saved SAE; ``final/<name>/`` per SAE when a run trains several).
-A directory that holds a run of a different config is refused, never overwritten.
+Layout of a run directory:
+
+- ``config.yaml``: the full config used (every field but ``out``).
+- ``metrics.jsonl``: one JSON object per logging step and SAE.
+- ``final/``: the saved SAE; ``final/<name>/`` per SAE when a run trains several.
+- ``checkpoints/step-NNNNNNNNNN/``: one checkpoint, complete once its ``manifest.json`` is
+  there (its files are :mod:`drrik.checkpoint`'s business).
+- ``heartbeat.json``: pid, host, time and state of the trainer, for ``drrik status``.
+- ``plots/``: training curves and feature densities.
+- ``.lock``: locked by the one process that trains in the directory (:meth:`RunDir.lock`).
+
+A directory that holds a run of a different config is refused, never overwritten. Every file
+here is replaced with :func:`atomic_write`, except ``metrics.jsonl``, which is appended to.
+
+This module imports nothing heavy (no torch, datasets or config classes), so ``drrik status``
+answers at once; configs arrive as trees (``cfg.to_dict()``) or objects with ``to_dict``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import functools
 import json
 import os
+import shutil
+import socket
+import struct
+import sys
+import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, Protocol
 
 import yaml
 
-from drrik.config import RunConfig
-from drrik.errors import ConfigError, read_yaml, require
+from drrik.errors import ConfigError, read_json, read_yaml, require
+from drrik.logs import get_logger
+
+log = get_logger(__name__)
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 FINAL_DIR = "final"
+CHECKPOINTS_DIR = "checkpoints"
+CHECKPOINT_PREFIX = "step-"
+MANIFEST_FILE = "manifest.json"
+HEARTBEAT_FILE = "heartbeat.json"
+PLOTS_DIR = "plots"
+LOCK_FILE = ".lock"
 SAE_CONFIG_FILE = "cfg.json"
 """The file that marks a saved SAE directory (SAELens's name)."""
+HEARTBEAT_STATES = ("running", "stopped", "finished", "failed")
 METRIC_NUMBERS = ("step", "tokens", "tokens_per_second")
 """Keys of a metrics row that readers compute with, so must be numbers."""
 RESUMABLE_CHANGES = (
@@ -40,9 +73,27 @@ RESUMABLE_CHANGES = (
 """Fields (or, ending in a dot, sections) a resumed run may change: budget, cadences, device."""
 
 
-def default_run_name(cfg: RunConfig) -> str:
-    model = Path(cfg.model.model).name.replace(".gguf", "")
-    return f"runs/{model}-{cfg.sae.architecture}-{time.strftime('%Y%m%d-%H%M%S')}"
+class HasToDict(Protocol):
+    """A config object (drrik.config.RunConfig) seen only through its tree."""
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+Config = Mapping[str, Any] | HasToDict
+"""A run config: its tree, or an object that gives it."""
+
+
+def _tree(cfg: Config) -> dict[str, Any]:
+    """The config as saved: every field except the run directory itself."""
+    tree = dict(cfg) if isinstance(cfg, Mapping) else cfg.to_dict()
+    tree.pop("out", None)
+    return tree
+
+
+def default_run_name(cfg: Config) -> str:
+    tree = _tree(cfg)
+    model = Path(tree["model"]["model"]).name.replace(".gguf", "")
+    return f"runs/{model}-{tree['sae']['architecture']}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -75,25 +126,199 @@ def is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a small file so that readers see either the old or the new content."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+# -- atomic writes -----------------------------------------------------------------------------
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        for child in path.iterdir():
+            _fsync_tree(child)
+    _fsync(path)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path) -> Iterator[Path]:
+    """Replace the file or directory ``path`` so that readers, kills and power cuts see the
+    old content or the new, never a mix.
+
+    Yields a path in a private staging directory beside ``path`` (same file system, so the
+    final rename is atomic); the caller creates its file or directory there. When the block
+    ends, everything written is fsynced, renamed over ``path`` (an existing directory is
+    moved aside first and removed after) and the parent directory fsynced. If the block or
+    any of that fails, ``path`` keeps its old content and the staging directory is removed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        new = staging / path.name
+        yield new
+        _fsync_tree(new)
+        if path.is_dir() and not path.is_symlink():
+            old = staging / f"{path.name}.old"
+            os.replace(path, old)
+            try:
+                os.replace(new, path)
+            except BaseException:
+                os.replace(old, path)
+                raise
+        else:
+            os.replace(new, path)
+        _fsync(path.parent)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write a text file (UTF-8) with :func:`atomic_write`."""
+    with atomic_write(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+
+
+def checkpoint_name(step: int) -> str:
+    """The directory name of the checkpoint at ``step``: zero-padded, so names sort by step."""
+    return f"{CHECKPOINT_PREFIX}{step:010d}"
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    digits = path.name.removeprefix(CHECKPOINT_PREFIX)
+    named = path.name.startswith(CHECKPOINT_PREFIX) and digits.isdigit()
+    return int(digits) if named and path.is_dir() else None
+
+
+def read_manifest(checkpoint: Path) -> dict[str, Any] | None:
+    """A checkpoint's manifest, or None when it is missing or unreadable: a checkpoint is
+    complete only once its manifest is, and damage makes it unusable the same way."""
+    try:
+        value = json.loads((checkpoint / MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    usable = isinstance(value, dict) and all(is_number(value.get(k, 0)) for k in ("step", "tokens"))
+    return value if usable else None
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A complete checkpoint: its directory and its manifest."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+
+# -- the lock ----------------------------------------------------------------------------------
+
+_LOCKING_UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS}
+_LOCK_HELD = {errno.EACCES, errno.EAGAIN}
+if sys.platform.startswith(("darwin", "freebsd", "openbsd", "netbsd")):
+    _FLOCK = ("qqihh", ("start", "len", "pid", "type", "whence"))
+else:  # Linux's struct flock
+    _FLOCK = ("hhqqi", ("type", "whence", "start", "len", "pid"))
+_HELD: dict[str, RunLock] = {}
+"""Locks this process holds, by lock file: a POSIX lock is released when its owner closes
+*any* descriptor of the file, so this process must not open it again while holding it."""
+
+
+def _lock_owner(fd: int) -> int | None:
+    """The pid holding a lock on ``fd``'s file, None when free. F_GETLK only asks: unlike a
+    trial lock, it can never make a trainer starting at the same moment fail."""
+    fmt, names = _FLOCK
+    query = {"type": fcntl.F_WRLCK, "whence": os.SEEK_SET, "start": 0, "len": 0, "pid": 0}
+    packed = struct.pack(fmt, *(query[n] for n in names))
+    values = struct.unpack(fmt, fcntl.fcntl(fd, fcntl.F_GETLK, packed))
+    answer = dict(zip(names, values, strict=True))
+    return None if answer["type"] == fcntl.F_UNLCK else answer["pid"]
+
+
+def _holder_info(fd: int, pid: int | None) -> dict[str, Any]:
+    """What the holder wrote into the lock file; the kernel's pid alone in the moment between
+    its lock and its write."""
+    with contextlib.suppress(OSError, ValueError):
+        info = json.loads(os.pread(fd, 4096, 0))
+        if isinstance(info, dict) and "pid" in info:
+            return info
+    return {"pid": pid, "host": None, "since": None}
+
+
+def describe_holder(info: dict[str, Any]) -> str:
+    """``PID 1234 on host h (since 2026-12-03 10:57:33)``."""
+    since = info.get("since")
+    when = (
+        f" (since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(since))})"
+        if is_number(since)
+        else ""
+    )
+    return f"PID {info.get('pid')} on host {info.get('host') or '?'}{when}"
+
+
+@functools.cache
+def _warn_unlockable(reason: str) -> None:
+    log.warning(
+        "drrik cannot lock run directories on this file system (%s); training goes on "
+        "without the lock, so make sure no two runs use one directory",
+        reason,
+    )
+
+
+@dataclass
+class RunLock:
+    """The exclusive lock of a run directory, held until :meth:`release` or the process ends
+    (the kernel drops it even after ``kill -9``). ``fd`` is None where the file system
+    cannot lock (see :meth:`RunDir.lock`)."""
+
+    path: Path
+    fd: int | None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def release(self) -> None:
+        """Unlock and empty the lock file (a no-op the second time)."""
+        if self.fd is None:
+            return
+        _HELD.pop(os.path.realpath(self.path), None)
+        with contextlib.suppress(OSError):
+            os.ftruncate(self.fd, 0)
+        os.close(self.fd)  # closing drops the lock
+        self.fd = None
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+
+# -- the run directory -------------------------------------------------------------------------
 
 
 class RunDir:
-    """Paths of one run and the rules for (re)using its directory."""
+    """Paths of one run and the rules for (re)using, reading and holding its directory."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.config_path = self.path / CONFIG_FILE
         self.metrics_path = self.path / METRICS_FILE
         self.final_path = self.path / FINAL_DIR
+        self.checkpoints_path = self.path / CHECKPOINTS_DIR
+        self.heartbeat_path = self.path / HEARTBEAT_FILE
+        self.plots_path = self.path / PLOTS_DIR
+        self.lock_path = self.path / LOCK_FILE
 
+    # -- config ----------------------------------------------------------------------------------
     def saved_config(self) -> dict[str, Any] | None:
         """The saved config as a tree, None without one; a damaged one is a ConfigError."""
         if not self.config_path.is_file():
@@ -106,10 +331,10 @@ class RunDir:
         require(sections, "file", str(self.config_path), f"not a mapping of sections; {fix}")
         return tree
 
-    def check_reusable(self, cfg: RunConfig) -> None:
+    def check_reusable(self, cfg: Config) -> None:
         """Refuse a non-empty directory that is not a run of this same config."""
         require(not self.path.is_file(), "out", str(self.path), "it is a file; name a directory")
-        if not self.path.exists() or not any(self.path.iterdir()):
+        if not self.path.exists() or all(p.name == LOCK_FILE for p in self.path.iterdir()):
             return
         saved = self.saved_config()
         if saved is None:
@@ -118,7 +343,7 @@ class RunDir:
                 str(self.path),
                 "the directory is not empty and holds no drrik run; choose a new --out",
             )
-        differences = config_differences(saved, _comparable(cfg), RESUMABLE_CHANGES)
+        differences = config_differences(saved, _tree(cfg), RESUMABLE_CHANGES)
         if differences:
             raise ConfigError(
                 "out",
@@ -128,11 +353,10 @@ class RunDir:
                 + "); choose a new --out",
             )
 
-    def write_config(self, cfg: RunConfig) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        text = yaml.safe_dump(_comparable(cfg), sort_keys=True)
-        write_text_atomic(self.config_path, text)
+    def write_config(self, cfg: Config) -> None:
+        write_text_atomic(self.config_path, yaml.safe_dump(_tree(cfg), sort_keys=True))
 
+    # -- metrics ---------------------------------------------------------------------------------
     def append_metrics(self, rows: list[dict[str, Any]]) -> None:
         """Append rows to metrics.jsonl and flush them to disk (a watcher may be tailing it)."""
         with open(self.metrics_path, "a") as f:
@@ -149,8 +373,10 @@ class RunDir:
             write_text_atomic(self.metrics_path, text)
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        """The logged rows. A torn last line (a kill mid-write, or a write in progress when
-        read from another process) is dropped; damage anywhere else is a ConfigError."""
+        """The logged rows. A last line that does not parse is torn (a kill mid-write, or a
+        write in progress seen from another process) and dropped: its step comes after the
+        newest checkpoint, so a resumed run logs it again. Damage anywhere else is a
+        ConfigError naming the line."""
         if not self.metrics_path.is_file():
             return []
         with open(self.metrics_path) as f:
@@ -161,7 +387,6 @@ class RunDir:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 if i == len(lines) - 1:
-                    # Its step comes after the newest checkpoint: a resumed run logs it again.
                     continue
                 row = None
             require(
@@ -176,12 +401,111 @@ class RunDir:
             rows.append(row)
         return rows
 
+    # -- checkpoints -----------------------------------------------------------------------------
+    def checkpoints(self) -> list[Path]:
+        """Checkpoint directories, complete or not, newest (highest step) first."""
+        if not self.checkpoints_path.is_dir():
+            return []
+        steps = {
+            p: s for p in self.checkpoints_path.iterdir() if (s := _checkpoint_step(p)) is not None
+        }
+        return sorted(steps, key=steps.__getitem__, reverse=True)
 
-def _comparable(cfg: RunConfig) -> dict[str, Any]:
-    """The config as saved: every field except the run directory itself."""
-    tree = cfg.to_dict()
-    tree.pop("out", None)
-    return tree
+    def latest_checkpoint(self) -> Checkpoint | None:
+        """The newest complete checkpoint (highest step with a readable manifest): the one
+        status shows and a resume loads, unless its files then fail their checksums."""
+        for path in self.checkpoints():
+            manifest = read_manifest(path)
+            if manifest is not None:
+                return Checkpoint(path, manifest)
+        return None
+
+    # -- heartbeat -------------------------------------------------------------------------------
+    def write_heartbeat(self, state: str) -> None:
+        """Record that this process is alive (or how it ended); call at start, each log, end."""
+        require(state in HEARTBEAT_STATES, "state", state, f"use one of {HEARTBEAT_STATES}")
+        beat = {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}
+        write_text_atomic(self.heartbeat_path, json.dumps(beat | {"state": state}))
+
+    def read_heartbeat(self) -> dict[str, Any] | None:
+        """The heartbeat, None before the first one; written atomically, so damage is not a
+        write in progress but a broken file, which is a ConfigError naming it."""
+        if not self.heartbeat_path.exists():
+            return None
+        fix = "the trainer rewrites it at every log; delete it if the run has ended"
+        beat = read_json(self.heartbeat_path, fix)
+        require(
+            beat.get("state") in HEARTBEAT_STATES and is_number(beat.get("time")),
+            "file",
+            str(self.heartbeat_path),
+            f"it needs a state in {HEARTBEAT_STATES} and a numeric time; {fix}",
+        )
+        return beat
+
+    # -- the lock --------------------------------------------------------------------------------
+    def lock(self) -> RunLock:
+        """Hold the directory for this process's training: a second trainer, resume or
+        torchrun job on it is refused until :meth:`RunLock.release` or this process ends.
+
+        A POSIX record lock (``fcntl.lockf``) on ``.lock``: the kernel drops it when its
+        process dies, even by ``kill -9``, so a crash never blocks the resume; the pid, host
+        and start time written into the file are only for display. Readers (status, eval,
+        analyze, report) take no lock. Where the file system cannot lock (some NFS mounts
+        answer ENOLCK), this warns once and returns a lock that holds nothing, so such users
+        can still train. Raises ConfigError naming the holder when the directory is held.
+        """
+        require(not self.path.is_file(), "out", str(self.path), "it is a file; name a directory")
+        self.path.mkdir(parents=True, exist_ok=True)
+        key = os.path.realpath(self.lock_path)
+        if key in _HELD:
+            raise self._in_use(_HELD[key].info)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            try:
+                if exc.errno in _LOCKING_UNSUPPORTED:
+                    _warn_unlockable(os.strerror(exc.errno))
+                    return RunLock(self.lock_path, None)
+                if exc.errno not in _LOCK_HELD:
+                    raise
+                raise self._in_use(_holder_info(fd, _lock_owner(fd))) from None
+            finally:
+                os.close(fd)  # this process holds no lock on the file: closing is harmless
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+        os.ftruncate(fd, 0)  # a holder killed before its release left its own
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        held = _HELD[key] = RunLock(self.lock_path, fd, info)
+        return held
+
+    def _in_use(self, holder: dict[str, Any]) -> ConfigError:
+        return ConfigError(
+            "out",
+            str(self.path),
+            f"the run directory is in use by {describe_holder(holder)}; "
+            "wait for it, stop it, or choose another --out",
+        )
+
+    def lock_holder(self) -> dict[str, Any] | None:
+        """Who holds the lock (``pid``, ``host``, ``since``), None when nobody does or the
+        file system cannot lock. Only asks: never takes the lock, even for a moment."""
+        held = _HELD.get(os.path.realpath(self.lock_path))
+        if held is not None:
+            return held.info
+        try:
+            fd = os.open(self.lock_path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            pid = _lock_owner(fd)
+            return None if pid is None else _holder_info(fd, pid)
+        except OSError:  # no locking on this file system
+            return None
+        finally:
+            os.close(fd)
+
+
+# -- saved SAEs --------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
