@@ -94,6 +94,8 @@ def test_a_killed_holder_never_blocks_the_resume(
     assert run.lock_holder() is None
     with run.lock() as lock:
         assert run.lock_holder() == lock.info and lock.info["pid"] != holder.pid
+        with pytest.raises(ConfigError, match="in use by PID"):
+            run.lock()  # this process too holds it only once
     assert run.lock_holder() is None
 
 
