@@ -43,8 +43,8 @@ except PackageNotFoundError:  # a source tree on sys.path, never installed
 drrik's own version is unknown, which then cannot judge."""
 
 
-def _version_tuple(version: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in version.split(".")[:3] if p.isdigit())
+def _version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in text.split(".")[:3] if p.isdigit())
 
 
 def _sha256(path: Path) -> str:

@@ -32,6 +32,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import drrik
 import drrik.checkpoint
 from drrik.checkpoint import CheckpointManager
 from drrik.cli import main
@@ -539,3 +540,17 @@ def test_checkpoint_from_newer_drrik_is_refused(
     assert code == 2 and "upgrade drrik" in err
     for name, tensor in final_tensors(finished_copy).items():
         assert torch.equal(tensor, final_before[name])
+
+
+def test_an_uninstalled_drrik_cannot_judge_versions_and_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manager = CheckpointManager(tmp_path, keep=3)
+    path = manager.save({"step": 1}, 1, 10)
+    assert path is not None
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["drrik_version"] == drrik.__version__  # read from the package metadata
+    (path / "manifest.json").write_text(json.dumps(manifest | {"drrik_version": "99.0.0"}))
+    monkeypatch.setattr(drrik.checkpoint, "DRRIK_VERSION", drrik.checkpoint.UNKNOWN_VERSION)
+    loaded = manager.load_latest()
+    assert loaded is not None and loaded[0] == {"step": 1}
