@@ -34,9 +34,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from drrik.analysis_results import HIST_BINS, HIST_LOG10_RANGE, AnalysisResults, Example
-from drrik.data import ContextStream, SpecialTokens, load_source
+from drrik.data import SpecialTokens
 from drrik.errors import check_device, require
-from drrik.evaluate import held_out_contexts
 from drrik.model import run_hooks
 from drrik.options import AnalysisConfig
 from drrik.sae import SAE
@@ -277,13 +276,10 @@ def analyze(
     model_name = saved.model_name(model if isinstance(model, str) else None)
     # Cheap reads first, so that a damaged SAE, config or dataset fails before the model loads.
     sae = saved.load_sae(device)
-    data_cfg = saved.data_config(dataset)
-    source = load_source(data_cfg, data_cfg.eval_split)
-    lm = saved.load_model(model, device)
-    holdout = "all" if data_cfg.eval_split or dataset else "eval"
-    stream = ContextStream(source, lm.tokenizer, data_cfg, holdout=holdout, cycle=False)
-    n_contexts = math.ceil(cfg.n_tokens / data_cfg.context_size)
-    batches = held_out_contexts(stream, n_contexts, cfg.batch_size_prompts)
+    n_contexts = math.ceil(cfg.n_tokens / saved.data_config(dataset).context_size)
+    lm, data_cfg, batches = saved.held_out(
+        model, device, n_contexts, cfg.batch_size_prompts, dataset
+    )
     meta = {
         "sae_dir": str(saved.sae_dir.resolve()),
         "model_name": model_name,

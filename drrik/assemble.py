@@ -15,10 +15,10 @@ from typing import Any
 import torch
 
 from drrik.checkpoint import CheckpointManager
-from drrik.config import RunConfig
+from drrik.config import RunConfig, load_config_file
 from drrik.data import ContextStream, load_source
 from drrik.distributed import Distributed
-from drrik.errors import require
+from drrik.errors import ConfigError, require
 from drrik.evaluate import Evaluator, held_out_contexts
 from drrik.learner import Learner
 from drrik.logs import get_logger
@@ -26,6 +26,7 @@ from drrik.model import load_model, resolve_dtype, use_tf32_matmuls
 from drrik.rng import seed_everything
 from drrik.run import Run, restore
 from drrik.run_dir import RunDir, default_run_name
+from drrik.run_lock import RunLock
 from drrik.store import ActivationsStore
 
 log = get_logger(__name__)
@@ -67,7 +68,40 @@ def assemble(
     )
     cfg = resolved_config(cfg, dist)
     run_dir = RunDir(cfg.out)
-    run_dir.check_reusable(cfg)
+    run_dir.check_reusable(cfg, load=lambda path: load_config_file(path, cfg.model.device))
+    lock = _hold(run_dir, dist)
+    try:
+        return _build(cfg, dist, run_dir, lock, model, dataset, verbose)
+    except BaseException:
+        if lock is not None:
+            lock.discard()
+        raise
+
+
+def _hold(run_dir: RunDir, dist: Distributed) -> RunLock | None:
+    """Rank 0 locks the run directory; if another process holds it, every rank stops."""
+    lock, refusal = None, None
+    if dist.is_main:
+        try:
+            lock = run_dir.lock()
+        except ConfigError as exc:
+            refusal = (exc.field, exc.value, exc.fix)
+    refusal = dist.from_main(refusal)
+    if refusal is not None:
+        raise ConfigError(*refusal)
+    return lock
+
+
+def _build(
+    cfg: RunConfig,
+    dist: Distributed,
+    run_dir: RunDir,
+    lock: RunLock | None,
+    model: Any,
+    dataset: Any,
+    verbose: bool,
+) -> Run:
+    """Everything after the run directory is held: model, data, stores, learners, resume."""
     cfg.wandb.resolved_mode()  # a bad WANDB_MODE fails before the model loads
     seed_everything(cfg.trainer.seed)
     device = dist.device(cfg.model.device)
@@ -108,6 +142,7 @@ def assemble(
         CheckpointManager(run_dir.path, cfg.checkpoint.keep_checkpoints),
         evaluator,
         model,
+        lock,
         verbose=verbose and dist.is_main,
     )
     d_in = stores[0].d_in

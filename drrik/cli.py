@@ -31,6 +31,8 @@ from drrik.options import (
     load_options,
     split_legacy,
 )
+from drrik.run_dir import CONFIG_FILE, locate_saved_sae
+from drrik.status import format_status, run_status
 
 if TYPE_CHECKING:  # the run config imports torch: only the commands that need it load it
     from drrik.config import RunConfig
@@ -142,7 +144,6 @@ def train_parser(defaults: RunConfig | None = None) -> ArgumentParser:
 def parse_train_args(argv: list[str]) -> RunConfig:
     """Config from, in rising priority: defaults, --resume's saved config or --config, flags."""
     from drrik.config import load_config_file
-    from drrik.run_dir import CONFIG_FILE
 
     known = _pre_parse(argv)
     defaults = None
@@ -182,48 +183,25 @@ def cmd_train(argv: list[str]) -> int:
 
 def cmd_eval(argv: list[str]) -> int:
     path, opts = parse_options("eval", argv)
-    import torch
+    from drrik.evaluate import format_metrics
+    from drrik.saved import evaluate_saved
 
-    from drrik.config import DataConfig, EvalConfig, ModelConfig
-    from drrik.data import ContextStream, SpecialTokens, load_source
-    from drrik.evaluate import EvalTarget, evaluate, format_metrics, held_out_contexts
-    from drrik.model import check_hooks, load_model, resolve_dtype
-    from drrik.run_dir import locate_saved_sae
-    from drrik.sae import load_sae
-    from drrik.sae.saving import read_sae_cfg
-
-    check_device(opts.device)
-    sae_dir = locate_saved_sae(path, opts.sae).sae_dir
-    meta = read_sae_cfg(sae_dir)["metadata"]
-    model_name = opts.model or meta.get("model_name")
-    require(bool(model_name), "model", model_name, "the SAE names no model; pass --model")
-    # Cheap reads first, so that a damaged SAE or dataset fails before the model loads.
-    sae = load_sae(sae_dir, device=opts.device)
-    model_cfg = ModelConfig(model=model_name, hook=meta.get("hook_name", ""), device=opts.device)
-    data_cfg = DataConfig(
-        dataset=opts.dataset or meta.get("dataset_path", "drrik-offline"),
+    metrics = evaluate_saved(
+        path,
+        sae_name=opts.sae,
+        model=opts.model,
+        dataset=opts.dataset,
         eval_split=opts.eval_split,
-        context_size=int(meta.get("context_size", 128)),
-        prepend_bos=bool(meta.get("prepend_bos", True)),
+        eval_contexts=opts.eval_contexts,
+        device=opts.device,
     )
-    eval_cfg = EvalConfig(eval_contexts=opts.eval_contexts)
-    dataset = load_source(data_cfg, opts.eval_split)
-    dtype = resolve_dtype(model_cfg.model_dtype, opts.device)
-    model = load_model(model_cfg.model, device=opts.device, dtype=dtype)
-    check_hooks(model, model_cfg.hook_names)
-    holdout = "all" if opts.eval_split else "eval"
-    stream = ContextStream(dataset, model.tokenizer, data_cfg, holdout=holdout, cycle=False)
-    contexts = held_out_contexts(stream, eval_cfg.eval_contexts, eval_cfg.eval_batch_size_prompts)
-    exclude = torch.tensor(SpecialTokens.of(model.tokenizer).ids(), dtype=torch.long)
-    target = EvalTarget(sae_dir.name, model_cfg.hook_names[0], sae)
-    metrics, _ = evaluate(model, [target], contexts, exclude, eval_cfg.dense_threshold)
-    print(json.dumps(metrics[target.name], indent=2) if opts.json else format_metrics(metrics))
+    name = locate_saved_sae(path, opts.sae).sae_dir.name
+    print(json.dumps(metrics, indent=2) if opts.json else format_metrics({name: metrics}))
     return 0
 
 
 def cmd_status(argv: list[str]) -> int:
     run_dir, opts = parse_options("status", argv)
-    from drrik.status import format_status, run_status
 
     status = run_status(run_dir)
     print(json.dumps(status, indent=2) if opts.json else format_status(status))

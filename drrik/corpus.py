@@ -39,13 +39,13 @@ import os
 import platform
 import sys
 import sysconfig
-import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from drrik import paths
+from drrik.run_dir import write_text_atomic
 
 if TYPE_CHECKING:
     import datasets
@@ -253,23 +253,6 @@ def _cache_path(directory: Path) -> Path:
     return directory / "corpus" / f"{OFFLINE_CORPUS_NAME}-{corpus_fingerprint()}.jsonl"
 
 
-def _write_atomic(path: Path, rows: list[dict[str, str]]) -> None:
-    """Write to a temp file in the same directory, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache may be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _read_rows(path: Path) -> list[dict[str, str]] | None:
     try:
         with path.open(encoding="utf-8") as f:
@@ -285,7 +268,7 @@ def load_offline_corpus_rows(cache_dir: Path | None = None) -> list[dict[str, st
     rows = _read_rows(path) if path.is_file() else None
     if rows is None:
         rows = build_offline_corpus()
-        _write_atomic(path, rows)
+        write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return rows
 
 

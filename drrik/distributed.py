@@ -152,6 +152,14 @@ class Distributed:
         dist.gather_object(obj, gathered, dst=0, group=self.wait_group)
         return gathered
 
+    def from_main(self, obj: Any) -> Any:
+        """Rank 0's small ``obj`` on every rank (pickled through the gloo group)."""
+        if not self.enabled:
+            return obj
+        shared = [obj]
+        dist.broadcast_object_list(shared, src=0, group=self.wait_group)
+        return shared[0]
+
     def wait_for_main(self) -> None:
         """Wait until every rank, rank 0 included, gets here, on the long-timeout gloo group:
         rank 0's evaluations and saves may outlast the training group's timeout."""

@@ -50,7 +50,7 @@ def export_run(
     run: Run, metrics: Metrics, densities: dict[str, torch.Tensor], logger: WandbLogger
 ) -> None:
     """Save every dictionary of ``run`` with its final ``metrics`` and ``densities``."""
-    plots = run.run_dir.path / "plots"
+    plots = run.run_dir.plots_path
     tokens = run.progress.tokens
     several = len(run.learners) > 1
     images = {

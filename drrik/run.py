@@ -23,7 +23,7 @@ from drrik.evaluate import Evaluator
 from drrik.learner import Learner
 from drrik.rng import rng_state, set_rng_state
 from drrik.run_dir import RunDir
-from drrik.status import write_heartbeat
+from drrik.run_lock import RunLock
 
 
 @dataclass
@@ -51,6 +51,8 @@ class Run:
     evaluator: Evaluator | None
     """The held-out evaluation (rank 0 only)."""
     model: Any = None
+    lock: RunLock | None = None
+    """Rank 0's hold on the run directory, released by :meth:`close`."""
     progress: Progress = field(default_factory=Progress)
     verbose: bool = True
 
@@ -66,12 +68,14 @@ class Run:
     def heartbeat(self, state: str) -> None:
         """Tell ``drrik status`` this run lives (or how it ended); rank 0 writes it."""
         if self.dist.is_main:
-            write_heartbeat(self.run_dir.path, state)
+            self.run_dir.write_heartbeat(state)
 
     def close(self) -> None:
         """Stop the stores' producer threads and leave the process group (every path)."""
         for store in self.stores:
             store.close()
+        if self.lock is not None:
+            self.lock.release()
         self.dist.close()
 
 

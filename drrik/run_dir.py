@@ -1,73 +1,83 @@
-"""The run directory: its layout, the saved config, and the metrics log.
+"""The run directory: its layout, and every rule for reading, writing and holding it.
 
-Layout: ``config.yaml`` (the full config used), ``metrics.jsonl`` (one JSON object per logging
-step and SAE), ``final/`` (the saved SAE; ``final/<name>/`` per SAE when a run trains several).
-A directory that holds a run of a different config is refused, never overwritten.
+Layout of a run directory:
+
+- ``config.yaml``: the full config used (every field but ``out``).
+- ``metrics.jsonl``: one JSON object per logging step and SAE.
+- ``final/``: the saved SAE; ``final/<name>/`` per SAE when a run trains several.
+- ``checkpoints/step-NNNNNNNNNN/``: one checkpoint, complete once its ``manifest.json`` is
+  there (its files are :mod:`drrik.checkpoint`'s business).
+- ``heartbeat.json``: pid, host, time and state of the trainer, for ``drrik status``.
+- ``plots/``: training curves and feature densities.
+- ``.lock``: locked by the one process that trains in the directory (:meth:`RunDir.lock`).
+
+A directory that holds a run of a different config is refused, never overwritten. Every file
+here is replaced with :func:`atomic_write`, except ``metrics.jsonl``, which is appended to.
+
+This module imports nothing heavy (no torch, datasets or config classes), so ``drrik status``
+answers at once; configs arrive as trees (``cfg.to_dict()``) or objects with ``to_dict``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import socket
+import tempfile
 import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 
-from drrik.config import RunConfig
-from drrik.errors import ConfigError, read_yaml, require
+from drrik.config_diff import RESUMABLE_CHANGES, config_differences
+from drrik.errors import ConfigError, read_json, read_yaml, require
+from drrik.logs import get_logger
+from drrik.run_lock import RunLock, acquire, holder
+
+log = get_logger(__name__)
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 FINAL_DIR = "final"
+CHECKPOINTS_DIR = "checkpoints"
+CHECKPOINT_PREFIX = "step-"
+MANIFEST_FILE = "manifest.json"
+HEARTBEAT_FILE = "heartbeat.json"
+PLOTS_DIR = "plots"
+LOCK_FILE = ".lock"
 SAE_CONFIG_FILE = "cfg.json"
 """The file that marks a saved SAE directory (SAELens's name)."""
+HEARTBEAT_STATES = ("running", "stopped", "finished", "failed")
 METRIC_NUMBERS = ("step", "tokens", "tokens_per_second")
 """Keys of a metrics row that readers compute with, so must be numbers."""
-RESUMABLE_CHANGES = (
-    "trainer.training_tokens",
-    "trainer.log_every_steps",
-    "eval.eval_every_tokens",
-    "store.prefetch_batches",
-    "checkpoint.checkpoint_every_tokens",
-    "checkpoint.checkpoint_every_minutes",
-    "checkpoint.keep_checkpoints",
-    "model.device",
-    "wandb.",
-)
-"""Fields (or, ending in a dot, sections) a resumed run may change: budget, cadences, device."""
 
 
-def default_run_name(cfg: RunConfig) -> str:
-    model = Path(cfg.model.model).name.replace(".gguf", "")
-    return f"runs/{model}-{cfg.sae.architecture}-{time.strftime('%Y%m%d-%H%M%S')}"
+class HasToDict(Protocol):
+    """A config object (drrik.config.RunConfig) seen only through its tree."""
+
+    def to_dict(self) -> dict[str, Any]: ...
 
 
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``, to list config differences by field."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
+Config = Mapping[str, Any] | HasToDict
+"""A run config: its tree, or an object that gives it."""
 
 
-def config_differences(
-    old: dict[str, Any], new: dict[str, Any], allowed: tuple[str, ...] = ()
-) -> list[str]:
-    """Fields whose values differ between two config dicts, ignoring ``allowed`` ones."""
-    a, b = flatten(old), flatten(new)
-    return [
-        f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
-        for k in sorted(set(a) | set(b))
-        if a.get(k) != b.get(k)
-        and not any(k == f or (f.endswith(".") and k.startswith(f)) for f in allowed)
-    ]
+def _tree(cfg: Config) -> dict[str, Any]:
+    """The config as saved: every field except the run directory itself."""
+    tree = dict(cfg) if isinstance(cfg, Mapping) else cfg.to_dict()
+    tree.pop("out", None)
+    return tree
+
+
+def default_run_name(cfg: Config) -> str:
+    tree = _tree(cfg)
+    model = Path(tree["model"]["model"]).name.replace(".gguf", "")
+    return f"runs/{model}-{tree['sae']['architecture']}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def is_number(value: Any) -> bool:
@@ -75,25 +85,113 @@ def is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a small file so that readers see either the old or the new content."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+# -- atomic writes -----------------------------------------------------------------------------
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        for child in path.iterdir():
+            _fsync_tree(child)
+    _fsync(path)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path) -> Iterator[Path]:
+    """Replace the file or directory ``path`` so that readers, kills and power cuts see the
+    old content or the new, never a mix.
+
+    Yields a path in a private staging directory beside ``path`` (same file system, so the
+    final rename is atomic); the caller creates its file or directory there. When the block
+    ends, everything written is fsynced, renamed over ``path`` (an existing directory is
+    moved aside first and removed after) and the parent directory fsynced. If the block or
+    any of that fails, ``path`` keeps its old content and the staging directory is removed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        new = staging / path.name
+        yield new
+        _fsync_tree(new)
+        if path.is_dir() and not path.is_symlink():
+            old = staging / f"{path.name}.old"
+            os.replace(path, old)
+            try:
+                os.replace(new, path)
+            except BaseException:
+                os.replace(old, path)
+                raise
+        else:
+            os.replace(new, path)
+        _fsync(path.parent)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write a text file (UTF-8) with :func:`atomic_write`."""
+    with atomic_write(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+
+
+def checkpoint_name(step: int) -> str:
+    """The directory name of the checkpoint at ``step``: zero-padded, so names sort by step."""
+    return f"{CHECKPOINT_PREFIX}{step:010d}"
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    digits = path.name.removeprefix(CHECKPOINT_PREFIX)
+    named = path.name.startswith(CHECKPOINT_PREFIX) and digits.isdigit()
+    return int(digits) if named and path.is_dir() else None
+
+
+def read_manifest(checkpoint: Path) -> dict[str, Any] | None:
+    """A checkpoint's manifest, or None when it is missing or unreadable: a checkpoint is
+    complete only once its manifest is, and damage makes it unusable the same way."""
+    try:
+        value = json.loads((checkpoint / MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    usable = isinstance(value, dict) and all(is_number(value.get(k, 0)) for k in ("step", "tokens"))
+    return value if usable else None
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A complete checkpoint: its directory and its manifest."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+
+# -- the run directory -------------------------------------------------------------------------
 
 
 class RunDir:
-    """Paths of one run and the rules for (re)using its directory."""
+    """Paths of one run and the rules for (re)using, reading and holding its directory."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.config_path = self.path / CONFIG_FILE
         self.metrics_path = self.path / METRICS_FILE
         self.final_path = self.path / FINAL_DIR
+        self.checkpoints_path = self.path / CHECKPOINTS_DIR
+        self.heartbeat_path = self.path / HEARTBEAT_FILE
+        self.plots_path = self.path / PLOTS_DIR
+        self.lock_path = self.path / LOCK_FILE
 
+    # -- config ----------------------------------------------------------------------------------
     def saved_config(self) -> dict[str, Any] | None:
         """The saved config as a tree, None without one; a damaged one is a ConfigError."""
         if not self.config_path.is_file():
@@ -106,10 +204,14 @@ class RunDir:
         require(sections, "file", str(self.config_path), f"not a mapping of sections; {fix}")
         return tree
 
-    def check_reusable(self, cfg: RunConfig) -> None:
-        """Refuse a non-empty directory that is not a run of this same config."""
+    def check_reusable(self, cfg: Config, load: Callable[[Path], Config] | None = None) -> None:
+        """Refuse a non-empty directory that is not a run of this same config.
+
+        ``load`` reads the saved config as the current config class does (an older drrik's
+        file then compares in today's form, e.g. a hook string as a list).
+        """
         require(not self.path.is_file(), "out", str(self.path), "it is a file; name a directory")
-        if not self.path.exists() or not any(self.path.iterdir()):
+        if not self.path.exists() or all(p.name == LOCK_FILE for p in self.path.iterdir()):
             return
         saved = self.saved_config()
         if saved is None:
@@ -118,7 +220,9 @@ class RunDir:
                 str(self.path),
                 "the directory is not empty and holds no drrik run; choose a new --out",
             )
-        differences = config_differences(saved, _comparable(cfg), RESUMABLE_CHANGES)
+        if load is not None:
+            saved = _tree(load(self.config_path))
+        differences = config_differences(saved, _tree(cfg), RESUMABLE_CHANGES)
         if differences:
             raise ConfigError(
                 "out",
@@ -128,11 +232,10 @@ class RunDir:
                 + "); choose a new --out",
             )
 
-    def write_config(self, cfg: RunConfig) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        text = yaml.safe_dump(_comparable(cfg), sort_keys=True)
-        write_text_atomic(self.config_path, text)
+    def write_config(self, cfg: Config) -> None:
+        write_text_atomic(self.config_path, yaml.safe_dump(_tree(cfg), sort_keys=True))
 
+    # -- metrics ---------------------------------------------------------------------------------
     def append_metrics(self, rows: list[dict[str, Any]]) -> None:
         """Append rows to metrics.jsonl and flush them to disk (a watcher may be tailing it)."""
         with open(self.metrics_path, "a") as f:
@@ -149,8 +252,10 @@ class RunDir:
             write_text_atomic(self.metrics_path, text)
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        """The logged rows. A torn last line (a kill mid-write, or a write in progress when
-        read from another process) is dropped; damage anywhere else is a ConfigError."""
+        """The logged rows. A last line that does not parse is torn (a kill mid-write, or a
+        write in progress seen from another process) and dropped: its step comes after the
+        newest checkpoint, so a resumed run logs it again. Damage anywhere else is a
+        ConfigError naming the line."""
         if not self.metrics_path.is_file():
             return []
         with open(self.metrics_path) as f:
@@ -161,7 +266,6 @@ class RunDir:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 if i == len(lines) - 1:
-                    # Its step comes after the newest checkpoint: a resumed run logs it again.
                     continue
                 row = None
             require(
@@ -176,12 +280,63 @@ class RunDir:
             rows.append(row)
         return rows
 
+    # -- checkpoints -----------------------------------------------------------------------------
+    def checkpoints(self) -> list[Path]:
+        """Checkpoint directories, complete or not, newest (highest step) first."""
+        if not self.checkpoints_path.is_dir():
+            return []
+        steps = {
+            p: s for p in self.checkpoints_path.iterdir() if (s := _checkpoint_step(p)) is not None
+        }
+        return sorted(steps, key=steps.__getitem__, reverse=True)
 
-def _comparable(cfg: RunConfig) -> dict[str, Any]:
-    """The config as saved: every field except the run directory itself."""
-    tree = cfg.to_dict()
-    tree.pop("out", None)
-    return tree
+    def latest_checkpoint(self) -> Checkpoint | None:
+        """The newest complete checkpoint (highest step with a readable manifest): the one
+        status shows and a resume loads, unless its files then fail their checksums."""
+        for path in self.checkpoints():
+            manifest = read_manifest(path)
+            if manifest is not None:
+                return Checkpoint(path, manifest)
+        return None
+
+    # -- heartbeat -------------------------------------------------------------------------------
+    def write_heartbeat(self, state: str) -> None:
+        """Record that this process is alive (or how it ended); call at start, each log, end."""
+        require(state in HEARTBEAT_STATES, "state", state, f"use one of {HEARTBEAT_STATES}")
+        beat = {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}
+        write_text_atomic(self.heartbeat_path, json.dumps(beat | {"state": state}))
+
+    def read_heartbeat(self) -> dict[str, Any] | None:
+        """The heartbeat, None before the first one; written atomically, so damage is not a
+        write in progress but a broken file, which is a ConfigError naming it."""
+        if not self.heartbeat_path.exists():
+            return None
+        fix = "the trainer rewrites it at every log; delete it if the run has ended"
+        beat = read_json(self.heartbeat_path, fix)
+        require(
+            beat.get("state") in HEARTBEAT_STATES and is_number(beat.get("time")),
+            "file",
+            str(self.heartbeat_path),
+            f"it needs a state in {HEARTBEAT_STATES} and a numeric time; {fix}",
+        )
+        return beat
+
+    # -- the lock --------------------------------------------------------------------------------
+    def lock(self) -> RunLock:
+        """Hold the directory for this process's training (see :func:`drrik.run_lock.acquire`):
+        a second trainer, resume or torchrun job on it is refused until the lock is released
+        or this process ends. Readers take no lock."""
+        require(not self.path.is_file(), "out", str(self.path), "it is a file; name a directory")
+        made = not self.path.exists()
+        self.path.mkdir(parents=True, exist_ok=True)
+        return acquire(self.lock_path, str(self.path), made)
+
+    def lock_holder(self) -> dict[str, Any] | None:
+        """Who holds the lock (``pid``, ``host``, ``since``), None when nobody does."""
+        return holder(self.lock_path)
+
+
+# -- saved SAEs --------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)

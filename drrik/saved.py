@@ -8,15 +8,20 @@ analysis and report go. Every read that can fail is cheap and comes before the m
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import Tensor
+
 from drrik.analysis_results import ANALYSIS_DIR, META_FILE, AnalysisResults
-from drrik.config import DataConfig, RunConfig, load_config_file
-from drrik.errors import require
+from drrik.config import DataConfig, EvalConfig, RunConfig, load_config_file
+from drrik.data import ContextStream, SpecialTokens, load_source
+from drrik.errors import check_device, require
+from drrik.evaluate import EvalTarget, evaluate, held_out_contexts
 from drrik.model import check_hooks, load_model
-from drrik.run_dir import CONFIG_FILE, locate_saved_sae
+from drrik.run_dir import CONFIG_FILE, SavedLocation, locate_saved_sae
 from drrik.sae import SAE, load_sae
 from drrik.sae.saving import SAVED_SAE_FIX, read_sae_cfg
 
@@ -65,8 +70,7 @@ class SavedSAE:
 
     def output_dir(self, kind: str) -> Path:
         """``analysis`` or ``report`` directory of this SAE."""
-        base = self.output_root / kind
-        return base / self.name if self.name else base
+        return SavedLocation(self.sae_dir, self.run_dir, self.name).output_dir(kind)
 
     @property
     def analysis_dir(self) -> Path:
@@ -113,6 +117,30 @@ class SavedSAE:
         check_hooks(model, [self.hook])
         return model
 
+    def held_out(
+        self,
+        model: Any,
+        device: str,
+        n_contexts: int,
+        batch_size: int,
+        dataset: str | None = None,
+        eval_split: str | None = None,
+    ) -> tuple[Any, DataConfig, list[Tensor]]:
+        """(language model, data settings, held-out contexts in batches) to study the SAE on.
+
+        The run's own held-out text by default (its eval split, else the rows training
+        skipped); ``dataset`` replaces it whole, ``eval_split`` names a split to use. The data
+        opens before the model loads, so a bad dataset fails first.
+        """
+        data_cfg = self.data_config(dataset)
+        if eval_split is not None:
+            data_cfg = replace(data_cfg, eval_split=eval_split)
+        source = load_source(data_cfg, data_cfg.eval_split)
+        lm = self.load_model(model, device)
+        holdout = "all" if data_cfg.eval_split or dataset else "eval"
+        stream = ContextStream(source, lm.tokenizer, data_cfg, holdout=holdout, cycle=False)
+        return lm, data_cfg, held_out_contexts(stream, n_contexts, batch_size)
+
     def load_sae(self, device: str = "cpu") -> SAE:
         return load_sae(self.sae_dir, device=device)
 
@@ -121,3 +149,30 @@ class SavedSAE:
 
     def load_analysis(self) -> AnalysisResults:
         return AnalysisResults.load(self.analysis_dir)
+
+
+def evaluate_saved(
+    path: str | Path,
+    *,
+    sae_name: str | None = None,
+    model: Any = None,
+    dataset: str | None = None,
+    eval_split: str | None = None,
+    eval_contexts: int = 64,
+    device: str = "cpu",
+) -> dict[str, float]:
+    """A saved SAE's held-out metrics (``drrik eval``), as training's final evaluation
+    computes them: on the run's held-out text unless ``dataset``/``eval_split`` say other."""
+    check_device(device)
+    cfg = EvalConfig(eval_contexts=eval_contexts)
+    saved = SavedSAE.locate(path, sae_name)
+    saved.model_name(model if isinstance(model, str) else None)
+    sae = saved.load_sae(device)  # cheap reads first: a damaged SAE fails before the model
+    lm, _, contexts = saved.held_out(
+        model, device, cfg.eval_contexts, cfg.eval_batch_size_prompts, dataset, eval_split
+    )
+    exclude = torch.tensor(SpecialTokens.of(lm.tokenizer).ids(), dtype=torch.long)
+    target_hook = str(saved.metadata.get("hook_name_out", ""))
+    target = EvalTarget(saved.sae_dir.name, saved.hook, sae, target_hook=target_hook)
+    metrics, _ = evaluate(lm, [target], contexts, exclude, cfg.dense_threshold)
+    return metrics[target.name]

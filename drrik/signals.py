@@ -2,7 +2,7 @@
 
 The first signal only raises a flag: the trainer finishes its step, writes a checkpoint and
 exits with status 128 + signal. A second signal exits at once, which is safe because every
-file drrik writes is replaced atomically.
+file drrik writes is replaced atomically. Both are logged on drrik's logger (stderr).
 """
 
 from __future__ import annotations
@@ -11,6 +11,10 @@ import os
 import signal
 import threading
 from types import FrameType, TracebackType
+
+from drrik.logs import get_logger
+
+log = get_logger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -24,14 +28,15 @@ class GracefulStop:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
+        # The leading newline ends a progress bar's line on the terminal.
         if self.received is not None:
-            print(f"\ndrrik: second {name}, exiting now", flush=True)
+            log.warning("\nsecond %s, exiting now", name)
             os._exit(128 + signum)
         self.received = signum
-        print(
-            f"\ndrrik: {name} received; finishing the step and writing a checkpoint "
+        log.warning(
+            "\n%s received; finishing the step and writing a checkpoint "
             "(send it again to exit at once)",
-            flush=True,
+            name,
         )
 
     def __enter__(self) -> GracefulStop:

@@ -3,27 +3,23 @@
 Everything is read from files the trainer keeps current, so status works from another shell,
 another machine sharing the disk, or after a crash: ``config.yaml`` (the budget),
 ``metrics.jsonl`` (progress and metrics), ``checkpoints/`` (what a resume would start from) and
-``heartbeat.json`` (liveness), which the trainer writes with :func:`write_heartbeat`.
+``heartbeat.json`` (liveness), which the trainer writes with
+:meth:`drrik.run_dir.RunDir.write_heartbeat`, and who holds the run directory's lock.
+``drrik status`` imports neither torch nor datasets, so it answers at once.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import socket
 import time
 from pathlib import Path
 from typing import Any
 
-from drrik.errors import ConfigError, read_json, require
-from drrik.run_dir import CONFIG_FILE, RunDir, is_number, write_text_atomic
+from drrik.errors import ConfigError, require
+from drrik.run_dir import CONFIG_FILE, RunDir, is_number
+from drrik.run_lock import describe_holder
 
-HEARTBEAT_FILE = "heartbeat.json"
-CHECKPOINTS_DIR = "checkpoints"
-LATEST_FILE = "latest"
-MANIFEST_FILE = "manifest.json"
-STATES = ("running", "stopped", "finished", "failed")
 MIN_STALE_S = 120.0
 STALE_LOG_INTERVALS = 10
 SUMMARY_KEYS = ("loss", "l0", "explained_variance", "dead_features")
@@ -33,65 +29,6 @@ RUN_NUMBERS = (
     ("store", "train_batch_size_tokens"),
 )
 """Config values status computes with (progress, staleness), so must be numbers."""
-
-
-def write_heartbeat(run_dir: str | Path, state: str) -> None:
-    """Record that this process is alive (or how it ended); call at start, each log, and end."""
-    require(state in STATES, "state", state, f"use one of {STATES}")
-    beat = {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time(), "state": state}
-    write_text_atomic(Path(run_dir) / HEARTBEAT_FILE, json.dumps(beat))
-
-
-def _read_manifest(path: Path) -> dict[str, Any] | None:
-    """A checkpoint manifest, or None when it is missing or unreadable: a checkpoint being
-    written has none yet, and a damaged one is skipped as resuming skips it."""
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    usable = isinstance(value, dict) and all(is_number(value.get(k, 0)) for k in ("step", "tokens"))
-    return value if usable else None
-
-
-def read_heartbeat(run_dir: Path) -> dict[str, Any] | None:
-    """The heartbeat, None before the first one; written atomically, so damage is not a write
-    in progress but a broken file, which is a ConfigError naming it."""
-    path = run_dir / HEARTBEAT_FILE
-    if not path.exists():
-        return None
-    fix = "the trainer rewrites it at every log; delete it if the run has ended"
-    beat = read_json(path, fix)
-    require(
-        beat.get("state") in STATES and is_number(beat.get("time")),
-        "file",
-        str(path),
-        f"it needs a state in {STATES} and a numeric time; {fix}",
-    )
-    return beat
-
-
-def latest_checkpoint(run_dir: str | Path) -> dict[str, Any] | None:
-    """The checkpoint a resume would load: the one ``checkpoints/latest`` names, else the one
-    with the most tokens among those with a manifest (a checkpoint without one is incomplete).
-    """
-    root = Path(run_dir) / CHECKPOINTS_DIR
-    if not root.is_dir():
-        return None
-    pointer = root / LATEST_FILE
-    name = pointer.read_text().strip() if pointer.is_file() else ""
-    manifest = _read_manifest(root / name / MANIFEST_FILE) if name else None
-    if manifest is None:  # no pointer yet, or it names a deleted checkpoint
-        found = {
-            d.name: m
-            for d in root.iterdir()
-            if d.is_dir() and (m := _read_manifest(d / MANIFEST_FILE)) is not None
-        }
-        if not found:
-            return None
-        name = max(found, key=lambda n: found[n].get("tokens", 0))
-        manifest = found[name]
-    keys = ("step", "tokens", "created")
-    return {"name": name, "path": str(root / name), **{k: manifest.get(k) for k in keys}}
 
 
 def _pid_exists(pid: int) -> bool:
@@ -130,7 +67,8 @@ def liveness(heartbeat: dict[str, Any] | None, stale_after_s: float) -> tuple[bo
 
 
 def run_status(run_dir: str | Path) -> dict[str, Any]:
-    """Progress, speed, ETA, last metrics per SAE, latest checkpoint and liveness of a run."""
+    """Progress, speed, ETA, last metrics per SAE, latest checkpoint, liveness and lock holder
+    of a run."""
     run = RunDir(run_dir)
     if not run.path.is_dir():
         raise ConfigError("RUN_DIR", str(run.path), "no such directory; pass a run directory")
@@ -161,7 +99,7 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
         else 0.0
     )
     stale_after = max(MIN_STALE_S, STALE_LOG_INTERVALS * interval)
-    heartbeat = read_heartbeat(run.path)
+    heartbeat = run.read_heartbeat()
     alive, reason = liveness(heartbeat, stale_after)
     remaining = max(total - tokens, 0) if total else None
     return {
@@ -175,8 +113,21 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
         "progress": tokens / total if total else None,
         "tokens_per_second": speed,
         "eta_s": remaining / speed if alive and speed and remaining is not None else None,
-        "checkpoint": latest_checkpoint(run.path),
+        "checkpoint": _checkpoint_summary(run),
+        "lock": run.lock_holder(),
         "saes": saes,
+    }
+
+
+def _checkpoint_summary(run: RunDir) -> dict[str, Any] | None:
+    latest = run.latest_checkpoint()
+    if latest is None:
+        return None
+    keys = ("step", "tokens", "created")
+    return {
+        "name": latest.path.name,
+        "path": str(latest.path),
+        **{k: latest.manifest.get(k) for k in keys},
     }
 
 
@@ -233,6 +184,8 @@ def format_status(status: dict[str, Any]) -> str:
         )
     else:
         lines.append("checkpoint  none")
+    holder = status["lock"]
+    lines.append(f"lock        held by {describe_holder(holder)}" if holder else "lock        free")
     for name, metrics in status["saes"].items():
         train = "  ".join(f"{k} {_value(metrics[k])}" for k in SUMMARY_KEYS if k in metrics)
         lines.append(f"sae {name or '-'}: {train}")
@@ -240,17 +193,3 @@ def format_status(status: dict[str, Any]) -> str:
         if evals:
             lines.append(f"{'':12}{evals} (at {_count(metrics['eval_tokens'] or 0)} tokens)")
     return "\n".join(lines)
-
-
-def cmd_status(argv: list[str]) -> int:
-    """``drrik status RUN_DIR [--json]``."""
-    parser = argparse.ArgumentParser(
-        prog="drrik status",
-        description="Show a run's progress, speed, ETA, metrics, checkpoint and liveness.",
-    )
-    parser.add_argument("run_dir", type=Path, help="the run directory (--out of drrik train)")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
-    args = parser.parse_args(argv)
-    status = run_status(args.run_dir)
-    print(json.dumps(status, indent=2) if args.json else format_status(status))
-    return 0

@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import typing
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from simple_parsing.helpers import Serializable
 
 from drrik.errors import require
 from drrik.options import check_choices, split_legacy
-
-if TYPE_CHECKING:
-    from drrik.settings import EnvironmentSettings
-
+from drrik.settings import EnvironmentSettings, get_settings
 
 SWEEPABLE = ("k", "l1_coefficient", "expansion_factor", "d_sae", "architecture")
 
@@ -230,7 +227,7 @@ class WandbConfig(Serializable):
         """The mode in force: this config's, else the environment's, else disabled."""
         if self.wandb_mode:
             return self.wandb_mode
-        mode = (settings or _environment()).wandb_mode or "disabled"
+        mode = (settings or get_settings()).wandb_mode or "disabled"
         require(
             mode in WANDB_MODES,
             "WANDB_MODE",
@@ -243,11 +240,4 @@ class WandbConfig(Serializable):
         """This config's project unless it is the default and WANDB_PROJECT names another."""
         if self.wandb_project != DEFAULT_PROJECT:
             return self.wandb_project
-        return (settings or _environment()).wandb_project or DEFAULT_PROJECT
-
-
-def _environment() -> EnvironmentSettings:
-    """The environment's settings, read when a W&B choice is left to them."""
-    from drrik.settings import get_settings  # the environment, read at run time only
-
-    return get_settings()
+        return (settings or get_settings()).wandb_project or DEFAULT_PROJECT

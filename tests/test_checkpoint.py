@@ -32,10 +32,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import drrik
 import drrik.checkpoint
 from drrik.checkpoint import CheckpointManager
 from drrik.cli import main
 from drrik.errors import ConfigError
+from drrik.run_dir import RunDir
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -137,15 +139,18 @@ def metric_rows(run: Path) -> list[tuple[str, int, int, float]]:
 
 
 def checkpoint_steps(run: Path) -> list[int]:
-    """Steps of the complete checkpoint directories, oldest first."""
-    return sorted(int(p.name.split("-")[1]) for p in CheckpointManager(run, 1).checkpoints())
+    """Steps of the checkpoint directories, oldest first."""
+    return sorted(int(p.name.split("-")[1]) for p in RunDir(run).checkpoints())
 
 
-def run_cli(argv: list[str], capfd: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    """``drrik ...`` in-process: (exit status, stderr)."""
+def run_cli(
+    argv: list[str], capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> tuple[int, str]:
+    """``drrik ...`` in-process: (exit status, stderr and drrik's log)."""
     capfd.readouterr()
+    caplog.clear()
     code = main(argv)
-    return code, capfd.readouterr().err
+    return code, capfd.readouterr().err + caplog.text
 
 
 @pytest.fixture(scope="module")
@@ -266,6 +271,7 @@ def test_kill_9_then_resume_gives_identical_weights_and_metrics(
     launched: dict[str, Launched],
     reference: Path,
     capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     how = KILL_CASES[case][1]
     run = launched[case]
@@ -283,8 +289,9 @@ def test_kill_9_then_resume_gives_identical_weights_and_metrics(
             f.write('{"step": 7, "tok')
     elif case == "inside-checkpoint-write":
         assert checkpoint_steps(out) == [4] and rows[-1][1] == 8
-        # Killed after the first file of step 8's checkpoint (a data shard's part) was written.
-        assert list((out / "checkpoints").glob(".parts-step-0000000008/store-*.pt"))
+        # Killed after the first file of step 8's checkpoint (a data shard's part) was written,
+        # before its rename out of the staging directory.
+        assert list((out / "checkpoints" / ".parts-step-0000000008").rglob("store-*.pt"))
     elif case == "before-final-save":
         assert checkpoint_steps(out)[-1] == STEPS and not (out / "final").exists()
     else:
@@ -292,17 +299,20 @@ def test_kill_9_then_resume_gives_identical_weights_and_metrics(
         assert not (out / "final").exists()
 
     if how == "resume":
-        code, err = run_cli(["train", "--resume", str(out)], capfd)
+        code, err = run_cli(["train", "--resume", str(out)], capfd, caplog)
     else:
-        code, err = run_cli(run.args, capfd)  # the same command again
+        code, err = run_cli(run.args, capfd, caplog)  # the same command again
     assert code == 0, err
     assert_same_final(out, reference)
     assert metric_rows(out) == metric_rows(reference)
-    assert not list((out / "checkpoints").glob(".tmp-*")), "a temporary checkpoint was left"
+    assert not list((out / "checkpoints").glob(".*")), "a temporary checkpoint was left"
 
 
 def test_sigterm_checkpoints_exits_143_and_resumes_exactly(
-    launched: dict[str, Launched], reference: Path, capfd: pytest.CaptureFixture[str]
+    launched: dict[str, Launched],
+    reference: Path,
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     run = launched["sigterm"]
     run.wait_paused()  # paused right after logging step 10, between checkpoints 8 and 12
@@ -315,7 +325,7 @@ def test_sigterm_checkpoints_exits_143_and_resumes_exactly(
     # checkpoints it, and the message names that step.
     assert "at step 11 " in err
     assert checkpoint_steps(run.out) == [4, 8, 11]
-    code, err = run_cli(["train", "--resume", str(run.out)], capfd)
+    code, err = run_cli(["train", "--resume", str(run.out)], capfd, caplog)
     assert code == 0, err
     assert_same_final(run.out, reference)
     steps = [r[1] for r in metric_rows(run.out)]
@@ -324,22 +334,25 @@ def test_sigterm_checkpoints_exits_143_and_resumes_exactly(
 
 
 def test_second_signal_exits_at_once_leaving_checkpoints_intact(
-    launched: dict[str, Launched], reference: Path, capfd: pytest.CaptureFixture[str]
+    launched: dict[str, Launched],
+    reference: Path,
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     run = launched["second-signal"]
     run.wait_paused()  # paused after logging step 14; checkpoints 4, 8 and 12 exist
     run.proc.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + 60
-    while "SIGTERM received" not in run.stdout():  # the first must be handled first
+    while "SIGTERM received" not in run.stderr():  # the first must be handled first
         assert time.monotonic() < deadline, "the first SIGTERM was not acknowledged"
         time.sleep(0.02)
     run.proc.send_signal(signal.SIGTERM)
     assert run.proc.wait(timeout=60) == 128 + signal.SIGTERM
-    assert "second SIGTERM, exiting now" in run.stdout()
+    assert "second SIGTERM, exiting now" in run.stderr()
     assert checkpoint_steps(run.out) == [4, 8, 12]
     loaded = CheckpointManager(run.out, 3).load_latest()
     assert loaded is not None and loaded[1]["step"] == 12
-    code, err = run_cli(["train", "--resume", str(run.out)], capfd)
+    code, err = run_cli(["train", "--resume", str(run.out)], capfd, caplog)
     assert code == 0, err
     assert "skipping" not in err
     assert_same_final(run.out, reference)
@@ -378,16 +391,15 @@ DAMAGE = {
 
 @pytest.mark.parametrize("damage", list(DAMAGE))
 def test_damaged_checkpoint_is_reported_and_skipped(
-    damage: str, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+    damage: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     manager = CheckpointManager(tmp_path, keep=3)
     for step in (1, 2):
         assert manager.save({"w": torch.full((1000,), float(step)), "step": step}, step, step)
     corrupt, reason = DAMAGE[damage]
     corrupt(tmp_path / "checkpoints" / "step-0000000002")
-    capfd.readouterr()
     loaded = manager.load_latest()
-    err = capfd.readouterr().err
+    err = caplog.text
     assert loaded is not None
     state, manifest = loaded
     assert manifest["step"] == 1 and state["step"] == 1
@@ -396,7 +408,10 @@ def test_damaged_checkpoint_is_reported_and_skipped(
 
 
 def test_corrupt_latest_checkpoint_falls_back_and_still_matches(
-    reference: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+    reference: Path,
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """End to end: a flipped byte in the newest checkpoint of a finished run; rerunning the
     last steps from the previous checkpoint gives the same final SAE."""
@@ -404,7 +419,7 @@ def test_corrupt_latest_checkpoint_falls_back_and_still_matches(
     shutil.copytree(reference, run)
     shutil.rmtree(run / "final")
     _flip_byte(run / "checkpoints" / f"step-{STEPS:010d}")
-    code, err = run_cli(["train", "--resume", str(run)], capfd)
+    code, err = run_cli(["train", "--resume", str(run)], capfd, caplog)
     assert code == 0, err
     assert f"skipping checkpoint step-{STEPS:010d}" in err and "checksum" in err
     assert_same_final(run, reference)
@@ -415,7 +430,7 @@ def test_corrupt_latest_checkpoint_falls_back_and_still_matches(
 
 
 def test_full_disk_keeps_previous_checkpoint(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     manager = CheckpointManager(tmp_path, keep=3)
     assert manager.save({"step": 1}, 1, 10) is not None
@@ -427,14 +442,14 @@ def test_full_disk_keeps_previous_checkpoint(
         replace(src, dst)
 
     monkeypatch.setattr(drrik.checkpoint.os, "replace", full_disk)
-    capfd.readouterr()
     assert manager.save({"step": 2}, 2, 20) is None
-    err = capfd.readouterr().err
+    err = caplog.text
     assert "step 2 was not written (No space left on device)" in err
     assert "step-0000000001 is intact" in err
     monkeypatch.undo()
-    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step-0000000001"
-    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+    latest = RunDir(tmp_path).latest_checkpoint()
+    assert latest is not None and latest.path.name == "step-0000000001"
+    assert not list((tmp_path / "checkpoints").glob(".*"))
     loaded = manager.load_latest()
     assert loaded is not None and loaded[0] == {"step": 1}
 
@@ -446,6 +461,7 @@ def test_full_disk_during_training_continues_to_identical_weights(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     save = torch.save
 
@@ -456,7 +472,7 @@ def test_full_disk_during_training_continues_to_identical_weights(
 
     monkeypatch.setattr(drrik.checkpoint.torch, "save", full_disk)
     out = tmp_path / "run"
-    code, err = run_cli(train_args(tiny_model_dir, dataset_file, out), capfd)
+    code, err = run_cli(train_args(tiny_model_dir, dataset_file, out), capfd, caplog)
     assert code == 0, err
     assert "checkpoint at step 8 was not written (No space left on device)" in err
     assert "the previous checkpoint step-0000000004 is intact" in err
@@ -476,10 +492,10 @@ def finished_copy(reference: Path, tmp_path: Path) -> Path:
 
 
 def test_resume_with_changed_config_lists_differences(
-    finished_copy: Path, capfd: pytest.CaptureFixture[str]
+    finished_copy: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
     before = {p: p.read_bytes() for p in finished_copy.rglob("*") if p.is_file()}
-    code, err = run_cli(["train", "--resume", str(finished_copy), "--lr", "0.01"], capfd)
+    code, err = run_cli(["train", "--resume", str(finished_copy), "--lr", "0.01"], capfd, caplog)
     assert code == 2
     assert len(err.strip().splitlines()) == 1
     assert "trainer.lr: 0.001 -> 0.01" in err
@@ -487,11 +503,11 @@ def test_resume_with_changed_config_lists_differences(
 
 
 def test_resume_with_longer_budget_extends_the_run(
-    finished_copy: Path, capfd: pytest.CaptureFixture[str]
+    finished_copy: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
     longer = BATCH * (STEPS + 6)
     code, err = run_cli(
-        ["train", "--resume", str(finished_copy), "--training-tokens", str(longer)], capfd
+        ["train", "--resume", str(finished_copy), "--training-tokens", str(longer)], capfd, caplog
     )
     assert code == 0, err
     steps = [r[1] for r in metric_rows(finished_copy)]
@@ -502,16 +518,16 @@ def test_resume_with_longer_budget_extends_the_run(
 
 
 def test_resume_of_missing_directory_is_refused(
-    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
-    code, err = run_cli(["train", "--resume", str(tmp_path / "nowhere")], capfd)
+    code, err = run_cli(["train", "--resume", str(tmp_path / "nowhere")], capfd, caplog)
     assert code == 2
     assert err.startswith("drrik train: error: resume=") and "no drrik run there" in err
     assert len(err.strip().splitlines()) == 1
 
 
 def test_checkpoint_from_newer_drrik_is_refused(
-    finished_copy: Path, capfd: pytest.CaptureFixture[str]
+    finished_copy: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
     manifest_path = finished_copy / "checkpoints" / f"step-{STEPS:010d}" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
@@ -520,7 +536,21 @@ def test_checkpoint_from_newer_drrik_is_refused(
     with pytest.raises(ConfigError, match="written by drrik 99.0.0, newer than this drrik"):
         CheckpointManager(finished_copy, 3).load_latest()
     final_before = final_tensors(finished_copy)
-    code, err = run_cli(["train", "--resume", str(finished_copy)], capfd)
+    code, err = run_cli(["train", "--resume", str(finished_copy)], capfd, caplog)
     assert code == 2 and "upgrade drrik" in err
     for name, tensor in final_tensors(finished_copy).items():
         assert torch.equal(tensor, final_before[name])
+
+
+def test_an_uninstalled_drrik_cannot_judge_versions_and_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manager = CheckpointManager(tmp_path, keep=3)
+    path = manager.save({"step": 1}, 1, 10)
+    assert path is not None
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["drrik_version"] == drrik.__version__  # read from the package metadata
+    (path / "manifest.json").write_text(json.dumps(manifest | {"drrik_version": "99.0.0"}))
+    monkeypatch.setattr(drrik.checkpoint, "DRRIK_VERSION", drrik.checkpoint.UNKNOWN_VERSION)
+    loaded = manager.load_latest()
+    assert loaded is not None and loaded[0] == {"step": 1}

@@ -24,6 +24,7 @@ from datasets import Dataset
 from safetensors.torch import load_file
 
 from drrik.checkpoint import CheckpointManager
+from drrik.run_dir import RunDir
 
 TOLERANCE = 1e-5
 WAIT_S = 300
@@ -132,9 +133,9 @@ def test_resume_with_another_world_size_is_exact(
                     stderr=subprocess.STDOUT)  # fmt: skip
     manager = CheckpointManager(out, keep=3)
     deadline = time.time() + WAIT_S
-    while not manager.checkpoints() and time.time() < deadline and job.poll() is None:
+    while not RunDir(out).checkpoints() and time.time() < deadline and job.poll() is None:
         time.sleep(0.2)
-    assert manager.checkpoints(), "no checkpoint appeared"
+    assert RunDir(out).checkpoints(), "no checkpoint appeared"
     job.send_signal(signal.SIGTERM)
     job.communicate(timeout=WAIT_S)
     assert manager.load_latest() is not None
@@ -154,9 +155,9 @@ def test_a_dead_rank_stops_the_job_with_the_checkpoint_intact(
     )
     manager = CheckpointManager(out, keep=3)
     deadline = time.time() + WAIT_S
-    while not manager.checkpoints() and time.time() < deadline and job.poll() is None:
+    while not RunDir(out).checkpoints() and time.time() < deadline and job.poll() is None:
         time.sleep(0.2)
-    assert manager.checkpoints(), "no checkpoint appeared"
+    assert RunDir(out).checkpoints(), "no checkpoint appeared"
     workers = subprocess.run(
         ["pgrep", "-P", str(job.pid)], capture_output=True, text=True
     ).stdout.split()

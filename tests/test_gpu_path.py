@@ -8,7 +8,6 @@ GPUs at resume, CUDA autocast's float32 list. What only a GPU can show is in
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -43,6 +42,7 @@ from drrik.evaluate import EvalTarget, evaluate
 from drrik.learner import Learner
 from drrik.mixing_buffer import MixingBuffer
 from drrik.pipeline import train, train_run
+from drrik.run_dir import RunDir
 from drrik.sae import SAEConfig, build_sae
 from drrik.store import ActivationsStore
 
@@ -103,8 +103,9 @@ def test_collectives_take_only_tensors_on_the_training_device(job: _Job) -> None
 def test_checkpoints_gather_names_and_checksums_not_buffers(job: _Job) -> None:
     """Item 4: each rank writes its own store part; rank 0 lists it in the manifest."""
     assert "gather_object" in job.dist.calls
-    latest = job.out / "checkpoints" / (job.out / "checkpoints" / "latest").read_text().strip()
-    manifest = json.loads((latest / "manifest.json").read_text())
+    checkpoint = RunDir(job.out).latest_checkpoint()
+    assert checkpoint is not None
+    latest, manifest = checkpoint.path, checkpoint.manifest
     assert set(manifest["files"]) == {"state.pt", "store-00000.pt"}
     state = torch.load(latest / "state.pt", weights_only=True)
     assert "stores" not in state and state["store_parts"][0] == "store-00000.pt"

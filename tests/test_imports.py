@@ -24,13 +24,6 @@ import drrik
 
 HEAVY = ("torch", "matplotlib", "datasets", "transformers", "transformer_lens", "wandb", "numpy")
 
-OTHERS_FUNCTION_LEVEL = {
-    # Files this branch may not edit (issue 12 splits them among engineers), with the reason
-    # their function-level imports fail the check; each import can move to the top level.
-    "drrik.checkpoint": "reads drrik.__version__ in a function (its owner replaces that read)",
-    "drrik.cli": "imports drrik.sae, drrik.sae.saving and drrik.model, which drrik.config loads",
-}
-
 
 def run_python(code: str) -> str:
     """Run ``code`` in a fresh interpreter (nothing imported yet); its stdout."""
@@ -264,15 +257,7 @@ def function_level_problems(module: str) -> list[str]:
     return problems
 
 
-@pytest.mark.parametrize(
-    "module",
-    [
-        pytest.param(m, marks=pytest.mark.xfail(reason=OTHERS_FUNCTION_LEVEL[m], strict=False))
-        if m in OTHERS_FUNCTION_LEVEL
-        else m
-        for m in sorted(drrik_modules())
-    ],
-)
+@pytest.mark.parametrize("module", sorted(drrik_modules()))
 def test_function_level_imports_defer_a_heavy_library(module: str) -> None:
     problems = function_level_problems(module)
     assert not problems, "\n".join(problems)

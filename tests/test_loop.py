@@ -105,7 +105,7 @@ def logger(tmp_path: Path) -> WandbLogger:
 
 
 def checkpoint_steps(run: Run) -> list[int]:
-    return sorted(int(p.name.removeprefix("step-")) for p in run.checkpoints.checkpoints())
+    return sorted(int(p.name.removeprefix("step-")) for p in run.run_dir.checkpoints())
 
 
 def test_every_is_due_at_each_multiple_once_and_never_for_zero() -> None:

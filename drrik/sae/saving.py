@@ -17,9 +17,6 @@ tells SAELens not to run its pre-6.0 config conversion. Input scaling must be fo
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from drrik.errors import read_json, reading, require
+from drrik.run_dir import atomic_write
 from drrik.sae.config import SAEConfig
 from drrik.sae.registry import ARCHITECTURES
 
@@ -58,17 +56,8 @@ def saelens_cfg(sae: SAE, metadata: dict[str, Any] | None = None) -> dict[str, A
     }
 
 
-def _write_json(path: Path, content: dict[str, Any]) -> None:
-    with open(path, "w") as f:
-        json.dump(content, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _write_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
 
 
 def save_sae(
@@ -77,29 +66,16 @@ def save_sae(
     sparsity: Tensor | None = None,
     metadata: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``sae`` to ``directory`` so that a crash never leaves a half-written SAE there.
-
-    Files go to a temporary sibling directory first, which then replaces ``directory`` by
-    renames: an existing SAE stays intact until the new one is complete.
-    """
+    """Write ``sae`` to ``directory`` so that a crash never leaves a half-written SAE there:
+    with :func:`drrik.run_dir.atomic_write`, an existing SAE stays intact until the new one is
+    complete and on disk."""
     target = Path(directory).resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        _write_json(tmp / CFG_FILENAME, saelens_cfg(sae, metadata))
+    with atomic_write(target) as tmp:
+        tmp.mkdir()
+        (tmp / CFG_FILENAME).write_text(json.dumps(saelens_cfg(sae, metadata), indent=2))
         _write_tensors(tmp / WEIGHTS_FILENAME, sae.saelens_tensors())
         if sparsity is not None:
             _write_tensors(tmp / SPARSITY_FILENAME, {"sparsity": sparsity})
-        old = None
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / "sae")
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
     return target
 
 
