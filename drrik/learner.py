@@ -93,8 +93,9 @@ class Learner:
     def name(self) -> str:
         return self.spec.name
 
-    def _inputs(self, acts: dict[str, torch.Tensor]) -> torch.Tensor:
-        return acts[self.spec.input_hook].to(self.sae.W_dec.dtype) * self.scale
+    def _inputs(self, acts: dict[str, torch.Tensor], hook: str = "") -> torch.Tensor:
+        """A hook's activations (the input hook's by default) as the dictionary sees them."""
+        return acts[hook or self.spec.input_hook].to(self.sae.W_dec.dtype) * self.scale
 
     @torch.no_grad()
     def initialize(self, samples: list[Any], dist: Distributed) -> None:
@@ -134,8 +135,9 @@ class Learner:
             if self.cfg.autocast
             else contextlib.nullcontext()
         )
+        target = None if self.spec.same_hook else self._inputs(acts, self.spec.target_hook)
         with autocast:
-            out = self.forward(x, sparsity_warm_up * self.sae.cfg.l1_coefficient, dead)
+            out = self.forward(x, sparsity_warm_up * self.sae.cfg.l1_coefficient, dead, target)
         out.loss.backward()
         params = list(self.sae.parameters())
         dist.average_gradients(params)
@@ -168,7 +170,9 @@ class Learner:
                 "loss": out.loss,
                 **out.losses,
                 "l0": out.l0(),
-                "explained_variance": batch_explained_variance(x, out.x_hat),
+                "explained_variance": batch_explained_variance(
+                    x if target is None else target, out.x_hat
+                ),
                 "steps": torch.ones((), device=finite.device),
             }
         )

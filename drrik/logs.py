@@ -15,10 +15,23 @@ import sys
 ROOT = "drrik"
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is at each record, so redirections made after
+    import (pytest's capture, contextlib.redirect_stderr) see drrik's lines."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> object:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: object) -> None:
+        """The stream is always the current stderr; StreamHandler's assignment is ignored."""
+
+
 def _configure_root() -> logging.Logger:
     root = logging.getLogger(ROOT)
     if not root.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         root.addHandler(handler)
         level = os.environ.get("DRRIK_VERBOSITY", "INFO").upper()

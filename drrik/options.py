@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import difflib
 import functools
-import sys
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -26,6 +25,9 @@ from simple_parsing.helpers import Serializable
 from simple_parsing.helpers import field as flag
 
 from drrik.errors import read_yaml, reading, require
+from drrik.logs import get_logger
+
+log = get_logger(__name__)
 
 S = TypeVar("S", bound=Serializable)
 SteerMode = Literal["add", "clamp"]
@@ -35,7 +37,7 @@ _EXPECTED = {bool: "true or false", str: "a string", int: "a whole number", floa
 
 def deprecated(old: str, new: str) -> None:
     """One stderr line for an old spelling that still works."""
-    print(f"drrik: {old} is deprecated; write {new}", file=sys.stderr)
+    log.warning(f"drrik: {old} is deprecated; write {new}")
 
 
 def split_legacy(values: list[str], sep: str, flag: str) -> list[str]:

@@ -21,8 +21,11 @@ import torch
 from drrik import plots
 from drrik.analysis import AnalysisResults, Example, analyze
 from drrik.errors import require
+from drrik.logs import get_logger
 from drrik.run_dir import RunDir, write_text_atomic
 from drrik.saved import SavedSAE
+
+log = get_logger(__name__)
 
 REPORT_DIR = "report"
 REPORT_FILE = "index.html"
@@ -207,7 +210,7 @@ def write_report(
     if saved.has_analysis():
         results = saved.load_analysis()
     else:
-        print("no saved analysis: analysing first (drrik analyze sets its budget)")
+        log.info("no saved analysis: analysing first (drrik analyze sets its budget)")
         results = analyze(path, sae_name=sae_name, **(analyze_kwargs or {}))
     plot_dir = out_dir / "plots"
     chosen = list(features) if features is not None else select_features(results, n_features)

@@ -384,9 +384,9 @@ def test_dead_feature_losses_run_only_when_a_feature_can_be_dead(
     slot = run.learners[0]
     forward = slot.forward
 
-    def spy(x: torch.Tensor, coefficient: Any, dead: torch.Tensor | None) -> Any:
+    def spy(x: torch.Tensor, coefficient: Any, dead: torch.Tensor | None, *rest: Any) -> Any:
         masks.append(dead)
-        return forward(x, coefficient, dead)
+        return forward(x, coefficient, dead, *rest)
 
     slot.forward = spy
     train_run(run)

@@ -406,6 +406,31 @@ def test_losses_sum_to_loss_and_backprop(architecture: str) -> None:
     assert sae.W_enc.grad is not None and torch.isfinite(sae.W_enc.grad).all()
 
 
+@pytest.mark.parametrize("sparse", [True, False])
+@pytest.mark.parametrize("architecture", KNOWN_ARCHITECTURES)
+def test_a_target_replaces_the_input_in_every_reconstruction_loss(
+    architecture: str, sparse: bool
+) -> None:
+    """What a transcoder needs: the decoder reconstructs ``target``, the encoder reads ``x``.
+    With ``target=x`` nothing changes; with another target every reconstruction term (MSE,
+    AuxK, ghost grads, gated's auxiliary) measures against it."""
+    overrides = {"use_ghost_grads": True} if architecture == "relu" else {}
+    sae = make(architecture, **overrides)
+    if hasattr(sae, "sparse_training"):
+        sae.sparse_training = sparse
+    elif sparse:
+        pytest.skip("only topk has a sparse path")
+    x, y, dead = inputs(), inputs(seed=2), torch.arange(D_SAE) % 3 == 0
+    plain, same = sae.training_forward(x, 0.2, dead), sae.training_forward(x, 0.2, dead, x)
+    for key, value in plain.losses.items():
+        torch.testing.assert_close(same.losses[key], value)
+    other = sae.training_forward(x, 0.2, dead, y)
+    torch.testing.assert_close(other.x_hat, plain.x_hat)  # the encoder still reads x
+    torch.testing.assert_close(other.losses["mse_loss"], expected_mse(plain.x_hat, y))
+    for key in set(plain.losses) - {"mse_loss", "l1_loss", "l0_loss"}:
+        assert not torch.equal(other.losses[key], plain.losses[key]), key
+
+
 # ---- ghost grads ---------------------------------------------------------------------------
 
 

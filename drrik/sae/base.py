@@ -160,11 +160,13 @@ class SAE(nn.Module):
         x: Tensor,
         sparsity_coefficient: float | Tensor,
         dead_mask: Tensor | None = None,
+        target: Tensor | None = None,
     ) -> TrainOutput:
         """Loss and activations for one batch ``x [batch, d_in]``.
 
         ``dead_mask [d_sae]`` (bool) marks dead features for the auxiliary losses that
-        revive them (ghost grads, AuxK); ``None`` turns those losses off.
+        revive them (ghost grads, AuxK); ``None`` turns those losses off. ``target`` is what
+        the decoder reconstructs, where that is not ``x`` (a transcoder's output hook).
         """
         raise NotImplementedError
 

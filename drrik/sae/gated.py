@@ -52,8 +52,10 @@ class GatedSAE(SAE):
         x: Tensor,
         sparsity_coefficient: float | Tensor,
         dead_mask: Tensor | None = None,
+        target: Tensor | None = None,
     ) -> TrainOutput:
         """MSE + gate L1 + auxiliary gate reconstruction; ``dead_mask`` is unused."""
+        target = x if target is None else target
         gate, magnitude = self.gate_and_magnitude(x)
         feature_acts = (gate > 0) * torch.relu(magnitude)
         x_hat = self.decode(feature_acts)
@@ -61,9 +63,9 @@ class GatedSAE(SAE):
         norms = self.decoder_norms() if self.cfg.scale_sparsity_by_decoder_norm else None
         aux_hat = gate_acts @ self.W_dec.detach() + self.b_dec.detach()
         losses = {
-            "mse_loss": self.mse(x_hat, x),
+            "mse_loss": self.mse(x_hat, target),
             "l1_loss": sparsity_coefficient * self.feature_total(gate_acts, norms),
-            "aux_loss": self.mse(aux_hat, x),
+            "aux_loss": self.mse(aux_hat, target),
         }
         loss = torch.stack(list(losses.values())).sum()
         return TrainOutput(loss=loss, losses=losses, feature_acts=feature_acts, x_hat=x_hat)

@@ -105,6 +105,7 @@ class JumpReLUSAE(SAE):
         x: Tensor,
         sparsity_coefficient: float | Tensor,
         dead_mask: Tensor | None = None,
+        target: Tensor | None = None,
     ) -> TrainOutput:
         """MSE + ``sparsity_coefficient`` * L0; ``dead_mask`` is unused."""
         pre = self.pre_acts(x)
@@ -113,7 +114,10 @@ class JumpReLUSAE(SAE):
         feature_acts = JumpReLUFunction.apply(pre, theta, eps)
         x_hat = self.decode(feature_acts)
         l0 = self.feature_total(StepFunction.apply(pre, theta, eps))
-        losses = {"mse_loss": self.mse(x_hat, x), "l0_loss": sparsity_coefficient * l0}
+        losses = {
+            "mse_loss": self.mse(x_hat, x if target is None else target),
+            "l0_loss": sparsity_coefficient * l0,
+        }
         loss = torch.stack(list(losses.values())).sum()
         return TrainOutput(loss=loss, losses=losses, feature_acts=feature_acts, x_hat=x_hat)
 

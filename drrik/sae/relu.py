@@ -37,24 +37,28 @@ class ReLUSAE(SAE):
         x: Tensor,
         sparsity_coefficient: float | Tensor,
         dead_mask: Tensor | None = None,
+        target: Tensor | None = None,
     ) -> TrainOutput:
+        target = x if target is None else target
         pre = self.pre_acts(x)
         feature_acts = torch.relu(pre)
         x_hat = self.decode(feature_acts)
         losses = {
-            "mse_loss": self.mse(x_hat, x),
+            "mse_loss": self.mse(x_hat, target),
             "l1_loss": sparsity_coefficient * self.sparsity_penalty(feature_acts),
         }
         if self.cfg.use_ghost_grads:
             losses["ghost_loss"] = (
-                self.ghost_grad_loss(x, x_hat, pre, dead_mask)
+                self.ghost_grad_loss(target, x_hat, pre, dead_mask)
                 if dead_mask is not None
                 else x_hat.new_zeros(())
             )
         loss = torch.stack(list(losses.values())).sum()
         return TrainOutput(loss=loss, losses=losses, feature_acts=feature_acts, x_hat=x_hat)
 
-    def ghost_grad_loss(self, x: Tensor, x_hat: Tensor, pre: Tensor, dead_mask: Tensor) -> Tensor:
+    def ghost_grad_loss(
+        self, target: Tensor, x_hat: Tensor, pre: Tensor, dead_mask: Tensor
+    ) -> Tensor:
         """Ghost-gradient term: lets dead features learn to predict the residual.
 
         Dead features get ``exp`` activations; their decoded output ``g`` is rescaled to half
@@ -64,7 +68,7 @@ class ReLUSAE(SAE):
         decoder rows and biases (plus the shared ``b_dec`` through the input). Zero when no
         feature is dead; decided on device, without a host sync.
         """
-        residual = (x - x_hat).detach()
+        residual = (target - x_hat).detach()
         with torch.autocast(pre.device.type, enabled=False):  # CUDA's would copy to float32
             ghost_acts = torch.where(dead_mask, pre, float("-inf")).exp()
         ghost_out = ghost_acts @ self.W_dec

@@ -156,17 +156,19 @@ class TopKSAE(SAE):
         x: Tensor,
         sparsity_coefficient: float | Tensor = 0.0,
         dead_mask: Tensor | None = None,
+        target: Tensor | None = None,
     ) -> TrainOutput:
         """MSE plus AuxK; ``sparsity_coefficient`` is unused (k sets the sparsity)."""
+        target = x if target is None else target
         if self._takes_sparse_path(x):
-            return self._sparse_training_forward(x, dead_mask)
+            return self._sparse_training_forward(x, dead_mask, target)
         pre = self.scaled_pre_acts(x)
         feature_acts = self.train_activation(pre)
         x_hat = self.decode(feature_acts)
         losses = {
-            "mse_loss": self.mse(x_hat, x),
+            "mse_loss": self.mse(x_hat, target),
             "aux_loss": (
-                self.aux_k_loss(x, x_hat, pre, dead_mask)
+                self.aux_k_loss(target, x_hat, pre, dead_mask)
                 if dead_mask is not None
                 else x_hat.new_zeros(())
             ),
@@ -174,7 +176,7 @@ class TopKSAE(SAE):
         loss = torch.stack(list(losses.values())).sum()
         return TrainOutput(loss=loss, losses=losses, feature_acts=feature_acts, x_hat=x_hat)
 
-    def aux_k_loss(self, x: Tensor, x_hat: Tensor, pre: Tensor, dead_mask: Tensor) -> Tensor:
+    def aux_k_loss(self, target: Tensor, x_hat: Tensor, pre: Tensor, dead_mask: Tensor) -> Tensor:
         """AuxK: the top ``aux_k`` *dead* features reconstruct the detached residual.
 
         Scaled by ``min(n_dead / aux_k, 1)`` so it fades out as features revive, and is zero
@@ -183,7 +185,7 @@ class TopKSAE(SAE):
         if not _any_dead(dead_mask):
             return x_hat.new_zeros(())
         aux_k = self.cfg.resolved_aux_k()
-        residual = (x - x_hat).detach()
+        residual = (target - x_hat).detach()
         values, indices = torch.where(dead_mask, pre, float("-inf")).topk(aux_k, dim=-1)
         aux_acts = torch.zeros_like(pre).scatter(-1, indices, values.relu())
         aux_err = (self.decode_directions(aux_acts) - residual).pow(2).sum(dim=-1).mean()
@@ -209,7 +211,9 @@ class TopKSAE(SAE):
         out = F.embedding_bag(idx, self.W_dec.detach(), per_sample_weights=values, mode="sum")
         return _DecoderGrad.apply(out, idx, values.detach(), self.W_dec)
 
-    def _sparse_training_forward(self, x: Tensor, dead_mask: Tensor | None) -> TrainOutput:
+    def _sparse_training_forward(
+        self, x: Tensor, dead_mask: Tensor | None, target: Tensor
+    ) -> TrainOutput:
         """Same losses and gradients as the dense path, touching only selected features."""
         k = self.cfg.k
         sae_in = self.sae_in(x)
@@ -240,9 +244,9 @@ class TopKSAE(SAE):
             gathered = gathered * taken
         values = gathered[:, :k].relu()
         x_hat = self._sparse_decode(idx, values, norms) + self.b_dec
-        losses = {"mse_loss": self.mse(x_hat, x)}
+        losses = {"mse_loss": self.mse(x_hat, target)}
         if aux:
-            residual = (x - x_hat).detach()
+            residual = (target - x_hat).detach()
             # Fewer dead features than aux_k: the rest of the selection must not count.
             aux_values = torch.where(dead_mask[aux_idx], gathered[:, k:].relu(), 0.0)
             aux_err = (self._sparse_decode(aux_idx, aux_values, norms) - residual).pow(2)
