@@ -31,13 +31,10 @@ from drrik.analysis import AnalysisConfig, analyze
 from drrik.data import SpecialTokens
 from drrik.errors import check_device, require
 from drrik.generation import Edit, generate_tokens
-from drrik.logs import get_logger
 from drrik.model import run_hooks
 from drrik.options import SteerMode, SteerUnits
 from drrik.sae import SAE
 from drrik.saved import SavedSAE
-
-log = get_logger(__name__)
 
 MODES = typing.get_args(SteerMode)
 UNITS = typing.get_args(SteerUnits)
@@ -276,11 +273,12 @@ class SAESteering:
         results.update({f"strength={s:g}": o for s, o in zip(strengths, outputs, strict=True)})
         if show:
             unit = "x max" if units == "max" else ""
-            log.info(f"prompt: {text!r}   feature {feature_idx}, {mode} mode")
+            # ``show`` asks for the table itself (as tutorials and notebooks do): printed.
+            print(f"prompt: {text!r}   feature {feature_idx}, {mode} mode")
             width = max(len(k) for k in results) + len(unit) + 1
             for key, value in results.items():
                 label = key if key == "baseline" else f"{key}{unit}"
-                log.info(f"  {label:<{width}} | {value!r}")
+                print(f"  {label:<{width}} | {value!r}")
         return results
 
     @torch.no_grad()

@@ -125,6 +125,9 @@ class CheckedDistributed(Distributed):
             if gathered is not None:
                 gathered[:] = [obj] + [[] for _ in range(self.world_size - 1)]
 
+        def broadcast_object_list(objects: list[Any], src: int = 0, **_: Any) -> None:
+            self.calls.append("broadcast_object_list")  # this is rank 0: its objects stand
+
         def barrier(group: Any = None, **_: Any) -> None:
             self.calls.append("barrier" if group is None else "wait_for_main")
 
@@ -132,6 +135,7 @@ class CheckedDistributed(Distributed):
             ("all_reduce", all_reduce),
             ("broadcast", broadcast),
             ("gather_object", gather_object),
+            ("broadcast_object_list", broadcast_object_list),
             ("barrier", barrier),
             ("is_initialized", lambda: True),
             ("destroy_process_group", lambda *a, **k: self.calls.append("destroy")),
