@@ -172,3 +172,23 @@ def test_drrik_status_imports_neither_torch_nor_datasets(tmp_path: Path) -> None
     result = status_in_subprocess(make_run(tmp_path / "run"))
     assert result["heavy"] == []
     assert result["seconds"] < 1.0
+
+
+def test_the_status_command_answers_in_under_a_second_without_torch(tmp_path: Path) -> None:
+    """The whole ``drrik status`` command, CLI parsing included, in a fresh interpreter."""
+    script = (
+        "import sys, time\n"
+        "start = time.perf_counter()\n"
+        "from drrik.cli import main\n"
+        "code = main(['status', sys.argv[1]])\n"
+        "heavy = [m for m in ('torch', 'datasets', 'matplotlib') if m in sys.modules]\n"
+        "print('RESULT', code, heavy, time.perf_counter() - start)\n"
+    )
+    run = make_run(tmp_path / "run")
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(run)], capture_output=True, text=True, check=True
+    ).stdout
+    assert "progress" in out
+    _, code, heavy, seconds = out.strip().splitlines()[-1].split(" ", 3)
+    assert (code, heavy) == ("0", "[]")
+    assert float(seconds) < 1.0
