@@ -93,11 +93,12 @@ def build_lr_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=schedule)
 
 
-def sparsity_coefficient(step: int, final: float, warmup_steps: int) -> float:
-    """Sparsity coefficient at ``step``: linear ramp to ``final`` over ``warmup_steps``.
+def sparsity_warm_up(step: int, warm_up_steps: int) -> float:
+    """The fraction of the sparsity coefficient in force at ``step``: a linear ramp to 1 over
+    ``warm_up_steps`` (``l1_warm_up_steps``), 1 without a warm-up.
 
     Starting sparse-free lets features form before the penalty pushes activations to zero.
     """
-    if warmup_steps <= 0:
-        return final
-    return final * min(1.0, (step + 1) / warmup_steps)
+    if warm_up_steps <= 0:
+        return 1.0
+    return min(1.0, (step + 1) / warm_up_steps)

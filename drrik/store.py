@@ -245,15 +245,17 @@ class ActivationsStore:
 
     def norm_scaling_factor(self, hook: str, n: int = 65536) -> float:
         """sqrt(d_in) / E||x||: scales activations to an expected norm of sqrt(d_in)."""
-        mean_norm = float(self.sample(hook, n).norm(dim=-1).mean())
+        mean_norm = self.sample(hook, n).norm(dim=-1).mean()
         require(
-            math.isfinite(mean_norm) and mean_norm > 0,
+            math.isfinite(float(mean_norm)) and float(mean_norm) > 0,
             "hook",
             hook,
-            f"its activations have no usable scale (mean norm {mean_norm}); use another hook, "
-            "or a wider model dtype if they overflow",
+            f"its activations have no usable scale (mean norm {float(mean_norm)}); use another "
+            "hook, or a wider model dtype if they overflow",
         )
-        return self.d_in[hook] ** 0.5 / mean_norm
+        # Divided in float32, as runs before this check were: resumed and repeated runs keep
+        # their exact scale.
+        return float(self.d_in[hook] ** 0.5 / mean_norm)
 
     # -- resuming ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

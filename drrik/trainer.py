@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from drrik.run import Run, save_checkpoint
-from drrik.schedules import sparsity_coefficient
+from drrik.schedules import sparsity_warm_up
 from drrik.signals import GracefulStop
 from drrik.wandb_logging import WandbLogger
 
@@ -85,7 +85,7 @@ class Trainer:
         with self.stop, self._progress_bar() as bar:
             while progress.tokens < budget:
                 acts = self._next_batch()
-                warm_up = sparsity_coefficient(progress.step, 1.0, cfg.trainer.l1_warm_up_steps)
+                warm_up = sparsity_warm_up(progress.step, cfg.trainer.l1_warm_up_steps)
                 progress.step += 1
                 for learner in run.learners:
                     learner.step(acts, warm_up, progress.step, run.batch_size, run.dist)

@@ -9,7 +9,7 @@ import torch
 
 from drrik.config import TrainerConfig
 from drrik.errors import ConfigError
-from drrik.schedules import LR_SCHEDULES, LRSchedule, build_lr_scheduler, sparsity_coefficient
+from drrik.schedules import LR_SCHEDULES, LRSchedule, build_lr_scheduler, sparsity_warm_up
 
 
 def test_constant_with_warmup_and_decay() -> None:
@@ -86,12 +86,12 @@ def test_lambda_lr_scheduler_and_resume() -> None:
         assert opt2.param_groups[0]["lr"] == pytest.approx(opt.param_groups[0]["lr"])
 
 
-def test_sparsity_coefficient_warmup() -> None:
-    assert sparsity_coefficient(0, 4.0, 4) == 1.0
-    assert sparsity_coefficient(1, 4.0, 4) == 2.0
-    assert sparsity_coefficient(3, 4.0, 4) == 4.0
-    assert sparsity_coefficient(100, 4.0, 4) == 4.0
-    assert sparsity_coefficient(0, 4.0, 0) == 4.0
+def test_sparsity_warm_up_ramps_the_fraction_to_one() -> None:
+    assert sparsity_warm_up(0, 4) == 0.25
+    assert sparsity_warm_up(1, 4) == 0.5
+    assert sparsity_warm_up(3, 4) == 1.0
+    assert sparsity_warm_up(100, 4) == 1.0
+    assert sparsity_warm_up(0, 0) == 1.0
 
 
 def test_unknown_schedule_lists_known_ones() -> None:

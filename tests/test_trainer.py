@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from drrik.config import (
     StoreConfig,
     TrainerConfig,
 )
+from drrik.errors import ConfigError
 from drrik.evaluate import EvalTarget
 from drrik.learner import Learner, TrainingDiverged
 from drrik.pipeline import train, train_run
@@ -158,6 +159,23 @@ def test_run_directory_has_config_metrics_and_final_sae(trained: Trained) -> Non
         assert (final / name).is_file(), name
     sparsity = load_file(str(final / "sparsity.safetensors"))["sparsity"]
     assert sparsity.shape == (128,) and bool((sparsity <= 0).all())
+
+
+def test_a_finished_run_leaves_its_directory_unlocked(trained: Trained) -> None:
+    assert RunDir(trained.out).lock_holder() is None
+
+
+def test_a_held_run_directory_is_refused_before_the_model_loads(
+    tiny_model_dir: Path, docs: Dataset, tmp_path: Path
+) -> None:
+    """A second trainer (or a resume) on a directory another trainer holds stops at once,
+    naming the holder, and writes nothing there."""
+    cfg = run_config(tmp_path / "run", tiny_model_dir)
+    with RunDir(tmp_path / "run").lock() as held:
+        before = sorted(p.name for p in (tmp_path / "run").iterdir())
+        with pytest.raises(ConfigError, match=f"in use by PID {held.info['pid']} on host "):
+            train(replace(cfg, model=replace(cfg.model, model="no-such-model")), dataset=docs)
+        assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before == [".lock"]
 
 
 def test_saved_sae_reproduces_trainer_sae_on_raw_activations(
