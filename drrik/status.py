@@ -10,6 +10,7 @@ another machine sharing the disk, or after a crash: ``config.yaml`` (the budget)
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
@@ -66,6 +67,20 @@ def liveness(heartbeat: dict[str, Any] | None, stale_after_s: float) -> tuple[bo
     return True, f"pid {pid} on this host, heartbeat {_duration(age)} ago"
 
 
+def _left_its_lock(run: RunDir, heartbeat: dict[str, Any]) -> bool:
+    """Whether the heartbeat's process once held the lock on this host (its pid is still in
+    the lock file) and holds it no more. Where the file system cannot lock, the file stays
+    empty and this says nothing."""
+    try:
+        written = json.loads(run.lock_path.read_text() or "{}")
+    except (OSError, ValueError):
+        return False
+    same = written.get("pid") == heartbeat.get("pid") and written.get("host") == heartbeat.get(
+        "host"
+    )
+    return bool(same) and heartbeat.get("host") == socket.gethostname()
+
+
 def run_status(run_dir: str | Path) -> dict[str, Any]:
     """Progress, speed, ETA, last metrics per SAE, latest checkpoint, liveness and lock holder
     of a run."""
@@ -101,6 +116,11 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
     stale_after = max(MIN_STALE_S, STALE_LOG_INTERVALS * interval)
     heartbeat = run.read_heartbeat()
     alive, reason = liveness(heartbeat, stale_after)
+    holder = run.lock_holder()
+    if alive and holder is None and heartbeat is not None and _left_its_lock(run, heartbeat):
+        # A killed process can linger as a zombie, so its pid still answers; its lock cannot.
+        alive = False
+        reason = f"process {heartbeat['pid']} no longer holds the run directory: it was killed"
     remaining = max(total - tokens, 0) if total else None
     return {
         "run_dir": str(run.path),
@@ -114,7 +134,7 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
         "tokens_per_second": speed,
         "eta_s": remaining / speed if alive and speed and remaining is not None else None,
         "checkpoint": _checkpoint_summary(run),
-        "lock": run.lock_holder(),
+        "lock": holder,
         "saes": saes,
     }
 

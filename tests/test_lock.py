@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -97,6 +98,21 @@ def test_a_killed_holder_never_blocks_the_resume(
         with pytest.raises(ConfigError, match="in use by PID"):
             run.lock()  # this process too holds it only once
     assert run.lock_holder() is None
+
+
+def test_status_sees_a_killed_trainer_by_its_lock_even_as_a_zombie(
+    holder: subprocess.Popen[str], tmp_path: Path
+) -> None:
+    run = RunDir(tmp_path / "run")
+    beat = {"pid": holder.pid, "host": socket.gethostname(), "time": time.time()}
+    run.heartbeat_path.write_text(json.dumps({**beat, "state": "running"}))
+    assert run_status(run.path)["alive"]
+    holder.send_signal(signal.SIGKILL)  # not waited for: a zombie whose pid still answers
+    deadline = time.time() + 10
+    while run.lock_holder() is not None and time.time() < deadline:
+        time.sleep(0.05)
+    status = run_status(run.path)
+    assert not status["alive"] and "no longer holds the run directory" in status["liveness"]
 
 
 def test_status_shows_the_holder_until_release(
