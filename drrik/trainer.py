@@ -68,7 +68,6 @@ class Trainer:
     ) -> None:
         self.run, self.logger, self.clock = run, logger, clock
         self.stop = GracefulStop()
-        self.saved_checkpoints: list[Path | None] = []
 
     def train(self) -> None:
         """The loop: one batch, one step per dictionary; log, evaluate, resample and
@@ -198,9 +197,7 @@ class Trainer:
     def checkpoint(self) -> Path | None:
         """Write a checkpoint now; its path on rank 0, None where it failed."""
         run_id = self.logger.run_id
-        path = save_checkpoint(self.run, {"wandb_run_id": run_id} if run_id else {})
-        self.saved_checkpoints.append(path)
-        return path
+        return save_checkpoint(self.run, {"wandb_run_id": run_id} if run_id else {})
 
     def _stopped(self, saved: Path | None) -> TrainingStopped:
         run, signum = self.run, self.stop.received or signal.SIGTERM
