@@ -98,7 +98,7 @@ class Learner:
         return acts[hook or self.spec.input_hook].to(self.sae.W_dec.dtype) * self.scale
 
     @torch.no_grad()
-    def initialize(self, samples: list[Any], dist: Distributed) -> None:
+    def initialize(self, stores: list[Any], dist: Distributed) -> None:
         """Input scale and b_dec from real activations of every local store.
 
         The scale averages every shard's estimate; b_dec comes from shard 0 and is broadcast,
@@ -106,11 +106,11 @@ class Learner:
         """
         hook = self.spec.input_hook
         if self.cfg.normalize_activations == "expected_average_only_in":
-            local = sum(store.norm_scaling_factor(hook) for store in samples) / len(samples)
+            local = sum(store.norm_scaling_factor(hook) for store in stores) / len(stores)
             total = torch.tensor(local, dtype=torch.float64, device=self.sae.W_dec.device)
             self.scale = float(dist.average_(total))
         if self.cfg.b_dec_init_method != "zeros" and dist.is_main:
-            sample = samples[0].sample(hook, GEOMETRIC_MEDIAN_SAMPLES) * self.scale
+            sample = stores[0].sample(hook, GEOMETRIC_MEDIAN_SAMPLES) * self.scale
             mean = self.cfg.b_dec_init_method == "mean"
             center = sample.mean(0) if mean else geometric_median(sample)
             self.sae.b_dec.copy_(center.to(self.sae.b_dec))
