@@ -84,6 +84,14 @@ def read_transcoder(path: Path) -> SavedTranscoder:
         arch,
         f"{path} is no transcoder; circuit-tracer loads {', '.join(TRANSCODER_ARCHITECTURES)}",
     )
+    for key, plain in (("apply_b_dec_to_input", False), ("normalize_activations", "none")):
+        require(
+            cfg.get(key, plain) == plain,
+            key,
+            cfg.get(key),
+            f"circuit-tracer's transcoders read raw activations: save with {key}={plain!r}, "
+            f"in {path}",
+        )
     meta = cfg["metadata"]
     layer, input_hook = _block_hook(meta.get("hook_name"), "hook_name", path)
     out_layer, output_hook = _block_hook(meta.get("hook_name_out"), "hook_name_out", path)

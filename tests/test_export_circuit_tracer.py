@@ -175,6 +175,15 @@ def test_export_replaces_an_existing_set(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+EDITS = {
+    "across blocks": ("hook_name_out", "blocks.1.hook_mlp_out"),
+    "outside blocks": ("hook_name_out", "ln_final.hook_normalized"),
+    "b_dec subtracted": ("apply_b_dec_to_input", True),
+    "scaled input": ("normalize_activations", "expected_average_only_in"),
+}
+"""cfg.json edits that make a saved transcoder unexportable."""
+
+
 def _bad(tmp_path: Path, case: str) -> tuple[list[Path], int | None]:
     """Saved directories and a layer count that the export must refuse."""
     first = save_transcoder(tmp_path / "a", 0)
@@ -191,12 +200,10 @@ def _bad(tmp_path: Path, case: str) -> tuple[list[Path], int | None]:
         ], 4
     if case == "not a transcoder":
         return [save_transcoder(tmp_path / "b", 0, "jumprelu")], 4
-    if case in ("across blocks", "outside blocks"):
+    if case in EDITS:
         cfg = json.loads((first / "cfg.json").read_text())
-        cfg["metadata"]["hook_name_out"] = {
-            "across blocks": "blocks.1.hook_mlp_out",
-            "outside blocks": "ln_final.hook_normalized",
-        }[case]
+        key, value = EDITS[case]
+        (cfg["metadata"] if key.startswith("hook") else cfg)[key] = value
         (first / "cfg.json").write_text(json.dumps(cfg))
         return [first], 4
     if case == "too few layers":
@@ -212,6 +219,8 @@ BAD = {
     "not a transcoder": "architecture='jumprelu':",
     "across blocks": "hook_name_out='blocks.1.hook_mlp_out': a per-layer transcoder writes",
     "outside blocks": "hook_name_out='ln_final.hook_normalized': circuit-tracer needs",
+    "b_dec subtracted": "apply_b_dec_to_input=True: circuit-tracer's transcoders read raw",
+    "scaled input": "normalize_activations='expected_average_only_in': circuit-tracer's",
     "too few layers": "n_layers=3: a transcoder reads layer 3; use > 3",
     "no layer count": "n_layers=None: model 'local-model' is no local directory",
 }
