@@ -3,7 +3,8 @@ that write_dictionaries.py wrote with ``sae_lens.SAE.load_from_disk`` and compar
 
 - SAEs (``OUT/saes/*``): SAELens's ``encode`` and ``decode`` on drrik's inputs against
   drrik's outputs (``OUT/io/<name>.safetensors``).
-- Transcoders (``OUT/transcoders/*``): loaded and run on the same random inputs; their
+- Transcoders (``OUT/transcoders/*``): loaded and run on ``x`` from
+  ``OUT/io/<name>.safetensors`` (the model's MLP inputs) or, if none, random inputs; their
   outputs (``forward``, skip term included) go to ``OUT/io/saelens-<name>.safetensors`` for
   the circuit-tracer check, and are compared with drrik's where drrik wrote any.
 
@@ -37,8 +38,8 @@ def check(directory: Path, io_dir: Path) -> dict[str, object]:
     sae.eval()
     reference = io_dir / f"{directory.name}.safetensors"
     result: dict[str, object] = {"saelens_class": type(sae).__name__}
-    if reference.is_file():
-        io = load_file(str(reference))
+    io = load_file(str(reference)) if reference.is_file() else {}
+    if "x" in io:
         x = io["x"]
     else:
         x = torch.randn(TOKENS, sae.cfg.d_in, generator=torch.Generator().manual_seed(SEED)) * 2
@@ -47,7 +48,7 @@ def check(directory: Path, io_dir: Path) -> dict[str, object]:
         recon = sae.decode(acts)
         out = sae(x)
     result["l0"] = (acts > 0).float().sum(-1).mean().item()
-    if reference.is_file():
+    if "recon" in io:
         result["feature_acts"] = max_diff(acts, io["feature_acts"])
         result["active_mismatches"] = int(((acts > 0) != (io["feature_acts"] > 0)).sum())
         result["recon"] = max_diff(recon, io["recon"])

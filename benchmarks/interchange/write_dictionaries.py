@@ -9,7 +9,9 @@ Writes, under OUT:
   ``feature_acts = encode(x)`` and ``recon = decode(feature_acts)``.
 - ``transcoders/<name>/``: the transcoders to export, in the layout drrik saves them:
   ``--transcoders`` (saved directories, e.g. a run's ``final/*``) or, by default, random
-  JumpReLU skip transcoders on ``--layers`` of the model (MLP input to MLP output).
+  JumpReLU skip transcoders on ``--layers`` of the model (MLP input to MLP output), with
+  the model's MLP inputs in ``io/<name>.safetensors`` (``x``, no drrik outputs: drrik has no
+  transcoder class yet).
 - ``circuit-tracer/``: those transcoders exported by
   :func:`drrik.export_circuit_tracer.export_transcoder_set`.
 
@@ -25,9 +27,10 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import Tensor
 
 from drrik.export_circuit_tracer import export_transcoder_set
-from drrik.model import embedded_gguf_path, gguf_to_hf_dir
+from drrik.model import embedded_gguf_path, gguf_to_hf_dir, load_model, run_hooks
 from drrik.sae import ARCHITECTURES, KNOWN_ARCHITECTURES, SAE, SAEConfig, build_sae, save_sae
 
 D_SAE, K, TOKENS = 1024, 32, 512
@@ -63,9 +66,23 @@ def write_saes(out: Path, d_in: int, metadata: dict[str, object]) -> list[str]:
     return names
 
 
-def random_transcoder(path: Path, layer: int, d_model: int, model_dir: Path) -> None:
+def mlp_inputs(model_dir: Path, layers: list[int]) -> dict[int, Tensor]:
+    """The model's MLP inputs at ``layers`` on Python's bundled docs, [tokens, d_model]."""
+    from pydoc_data.topics import topics
+
+    model = load_model(str(model_dir), device="cpu")
+    text = " ".join(" ".join(t.split()) for t in list(topics.values())[:40])
+    ids = model.tokenizer(text, return_tensors="pt")["input_ids"][0, : 8 * 64].view(8, 64)
+    hooks = {layer: f"blocks.{layer}.mlp.hook_in" for layer in layers}
+    acts = run_hooks(model, ids, list(hooks.values()))
+    return {layer: acts[hook].reshape(-1, acts[hook].shape[-1]) for layer, hook in hooks.items()}
+
+
+def random_transcoder(path: Path, layer: int, x: Tensor, model_dir: Path) -> None:
     """A random JumpReLU skip transcoder, MLP input to MLP output of ``layer``, in the layout
-    drrik saves transcoders: a drrik JumpReLU SAE's files plus the transcoder's keys."""
+    drrik saves transcoders: a drrik JumpReLU SAE's files plus the transcoder's keys. Its
+    encoder biases make each feature fire on about 5% of the model's MLP inputs ``x``."""
+    d_model = x.shape[-1]
     sae = randomized(SAEConfig(architecture="jumprelu", d_in=d_model, d_sae=D_SAE), layer)
     meta = {"model_name": str(model_dir), "hook_name": f"blocks.{layer}.mlp.hook_in"}
     save_sae(sae, path, metadata={**meta, "context_size": 128, "prepend_bos": True})
@@ -77,9 +94,11 @@ def random_transcoder(path: Path, layer: int, d_model: int, model_dir: Path) -> 
     cfg["metadata"]["hook_name_out"] = f"blocks.{layer}.hook_mlp_out"
     (path / "cfg.json").write_text(json.dumps(cfg, indent=2))
     tensors = load_file(str(path / "sae_weights.safetensors"))
+    tensors["b_enc"] = -(x @ tensors["W_enc"]).quantile(0.95, dim=0)
+    tensors["threshold"] = torch.randn(D_SAE) * 0.05  # both signs: the export clamps θ < 0
     tensors["W_skip"] = torch.randn(d_model, d_model) / d_model
-    tensors["threshold"] = torch.randn(D_SAE) * 0.5  # both signs: the export clamps θ < 0
     save_file(tensors, str(path / "sae_weights.safetensors"))
+    save_file({"x": x}, str(path.parent.parent / "io" / f"{path.name}.safetensors"))
 
 
 def main() -> None:
@@ -99,8 +118,8 @@ def main() -> None:
         for source in args.transcoders:
             shutil.copytree(source, transcoders / source.name)
     else:
-        for layer in args.layers:
-            random_transcoder(transcoders / f"layer{layer}", layer, d_model, model_dir)
+        for layer, x in mlp_inputs(model_dir, args.layers).items():
+            random_transcoder(transcoders / f"layer{layer}", layer, x, model_dir)
     dirs = sorted(transcoders.iterdir())
     export_transcoder_set(dirs, args.out / "circuit-tracer")
     summary = {
