@@ -17,6 +17,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from drrik.cli import main
 from drrik.errors import ConfigError
 from drrik.export_circuit_tracer import TRANSCODER_ARCHITECTURES, export_transcoder_set
 
@@ -233,3 +234,21 @@ def test_bad_input_is_one_line(tmp_path: Path, case: str) -> None:
         export_transcoder_set(dirs, tmp_path / "ct", n_layers=n_layers)
     assert str(exc.value).startswith(BAD[case]) and "\n" not in str(exc.value)
     assert not (tmp_path / "ct").exists()
+
+
+def test_drrik_export_command(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    for layer in (0, 1):
+        save_transcoder(tmp_path / "run" / "final" / f"l{layer}", layer, seed=layer)
+    out = tmp_path / "ct"
+    argv = ["export", str(tmp_path / "run"), "--to", "circuit-tracer", "--out", str(out)]
+    assert main([*argv, "--n-layers", "3"]) == 0
+    assert str(out) in capfd.readouterr().out
+    assert len(list(out.glob("layer_*.safetensors"))) == 3
+    assert main(argv[:-2]) == 2  # no --out
+    assert main(argv) == 2  # no layer count: the model is no local directory
+    errors = capfd.readouterr().err.splitlines()
+    assert errors == [
+        "drrik export: error: out=None: give --out DIR",
+        "drrik export: error: n_layers=None: model 'local-model' is no local directory; pass "
+        "the model's layer count",
+    ]
