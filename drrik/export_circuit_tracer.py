@@ -5,7 +5,10 @@ drrik saves a transcoder in SAELens's layout (``cfg.json`` + ``sae_weights.safet
 ``layer_{i}.safetensors`` for *every* layer of the model, ``W_enc`` transposed to
 ``[d_sae, d_model]`` and the JumpReLU threshold named ``activation_function.threshold``.
 Layers without a trained transcoder get an all-zero one (it outputs nothing, so the model's
-own MLP output is fully in the graph's error term there).
+own MLP output is fully in the graph's error term there), and every layer gets every tensor
+any layer has (a zero threshold where a layer was ReLU, a zero ``W_skip`` where it had none:
+both exact), since circuit-tracer takes the skip setting from layer 0 for the whole set.
+``drrik_export.json`` records which layers were trained, and from which directory.
 
 circuit-tracer's JumpReLU is ``pre * (pre > θ)``; drrik's and SAELens's is
 ``relu(pre) * (pre > θ)``. They agree when θ ≥ 0. A negative θ is written as 0, which keeps
@@ -39,6 +42,7 @@ TRANSCODER_ARCHITECTURES = (
 CT_CONFIG_FILE = "config.yaml"
 BLOCK_HOOK = re.compile(r"blocks\.(\d+)\.(.+)")
 LAYER_FILE = "layer_{}.safetensors"
+EXPORT_RECORD_FILE = "drrik_export.json"
 
 
 @dataclass(frozen=True)
@@ -119,11 +123,19 @@ def read_transcoder(path: Path) -> SavedTranscoder:
 
 
 def saved_transcoder_dirs(run_dir: Path) -> list[Path]:
-    """Every saved dictionary of a run (``final/`` or ``final/<name>/``), or ``run_dir``
-    itself when it is one saved directory."""
+    """The transcoders a run saved (``final/`` or ``final/<name>/``; SAEs trained beside them
+    are left out), or ``run_dir`` itself when it is one saved directory."""
     final = run_dir if run_dir.name == FINAL_DIR else run_dir / FINAL_DIR
     names = sorted(p.name for p in final.glob("*") if (p / CFG_FILENAME).is_file())
-    return [final / name for name in names] or [locate_saved_sae(run_dir).sae_dir]
+    if not names:  # one dictionary: read_transcoder says what is wrong if it is no transcoder
+        return [locate_saved_sae(run_dir).sae_dir]
+    found = [
+        final / name
+        for name in names
+        if read_sae_cfg(final / name).get("architecture") in TRANSCODER_ARCHITECTURES
+    ]
+    require(bool(found), "DIR", str(run_dir), f"it saved no transcoder (only {', '.join(names)})")
+    return found
 
 
 def _model_layers(model_name: str) -> int | None:
@@ -143,7 +155,12 @@ def _check_set(transcoders: list[SavedTranscoder]) -> None:
         require(tc.d_model == first.d_model, "d_in", tc.d_model, f"d_in differs ({where})")
         hooks, first_hooks = (tc.input_hook, tc.output_hook), (first.input_hook, first.output_hook)
         require(hooks == first_hooks, "hook_name", hooks, f"hook kinds differ ({where})")
-        require(tc.model_name == first.model_name, "model_name", tc.model_name, f"differ ({where})")
+        require(
+            tc.model_name == first.model_name,
+            "model_name",
+            tc.model_name,
+            f"models differ ({where})",
+        )
     layers = [tc.layer for tc in transcoders]
     twice = sorted({layer for layer in layers if layers.count(layer) > 1})
     require(not twice, "layer", twice, "give one transcoder per layer")
@@ -211,7 +228,7 @@ def export_transcoder_set(
         for layer in range(n_layers):
             tensors = {**zeros, **by_layer.get(layer, {})}
             save_file(tensors, str(tmp / LAYER_FILE.format(layer)))
-        (tmp / "drrik_export.json").write_text(
+        (tmp / EXPORT_RECORD_FILE).write_text(
             json.dumps({"layers": {tc.layer: str(tc.path) for tc in transcoders}}, indent=2)
         )
     return out

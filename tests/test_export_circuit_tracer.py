@@ -150,16 +150,23 @@ def test_a_mixed_set_gets_zero_thresholds_and_skips_where_a_layer_had_none(
 
 
 def test_a_run_directory_and_the_models_layer_count(tmp_path: Path) -> None:
+    """A run's transcoders are exported, an SAE trained beside them is left out, and the
+    layer count comes from the model's local directory."""
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"num_hidden_layers": 5}))
-    run = tmp_path / "run"
-    (run / "final").mkdir(parents=True)
+    final = tmp_path / "run" / "final"
     for layer in (0, 2):
-        save_transcoder(run / "final" / f"layer{layer}", layer, model_name=str(model))
-    out = export_transcoder_set(run, tmp_path / "ct")
+        save_transcoder(final / f"layer{layer}", layer, model_name=str(model))
+    save_transcoder(final / "sae", 1, "jumprelu")
+    out = export_transcoder_set(tmp_path / "run", tmp_path / "ct")
     assert len(list(out.glob("layer_*.safetensors"))) == 5
     assert yaml.safe_load((out / "config.yaml").read_text())["model_name"] == str(model)
+    assert set(json.loads((out / "drrik_export.json").read_text())["layers"]) == {"0", "2"}
+    for name in ("layer0", "layer2"):
+        (final / name / "cfg.json").unlink()
+    with pytest.raises(ConfigError, match=r"it saved no transcoder \(only sae\)"):
+        export_transcoder_set(final, tmp_path / "ct")
 
 
 def test_export_replaces_an_existing_set(tmp_path: Path) -> None:
@@ -215,7 +222,7 @@ def _bad(tmp_path: Path, case: str) -> tuple[list[Path], int | None]:
 BAD = {
     "width": "d_sae=40: widths differ",
     "hooks": "hook_name=('hook_resid_mid', 'hook_mlp_out'): hook kinds differ",
-    "model": "model_name='another-model': differ",
+    "model": "model_name='another-model': models differ",
     "same layer": "layer=[0]: give one transcoder per layer",
     "not a transcoder": "architecture='jumprelu':",
     "across blocks": "hook_name_out='blocks.1.hook_mlp_out': a per-layer transcoder writes",
