@@ -1,4 +1,4 @@
-"""The ``drrik`` command: train, eval, status, analyze, report, steer.
+"""The ``drrik`` command: train, eval, status, analyze, report, steer, export.
 
 Every command's options are a documented dataclass (:class:`~drrik.config.RunConfig` for
 ``train``, :mod:`drrik.options` for the others) that simple-parsing turns into flags, so
@@ -24,6 +24,7 @@ from drrik.errors import ConfigError, check_device, require
 from drrik.options import (
     AnalyzeOptions,
     EvalOptions,
+    ExportOptions,
     ReportOptions,
     StatusOptions,
     SteerOptions,
@@ -113,6 +114,12 @@ OPTIONS: dict[str, tuple[type, str, str]] = {
         "dir",
         "Generate text with SAE feature directions added (or clamped) at the SAE's hook, and "
         "print it next to the unsteered baseline.",
+    ),
+    "export": (
+        ExportOptions,
+        "dir",
+        "Write a run's transcoders (or the saved transcoder directories under DIR) in another "
+        "tool's layout: circuit-tracer's transcoder set.",
     ),
 }
 """Each command but train: its options dataclass, its positional path, its description."""
@@ -288,6 +295,16 @@ def cmd_steer(argv: list[str]) -> int:
     return 0
 
 
+def cmd_export(argv: list[str]) -> int:
+    path, opts = parse_options("export", argv)
+    opts.check()
+    from drrik.export_circuit_tracer import export_transcoder_set
+
+    out = export_transcoder_set(path, Path(opts.out), n_layers=opts.n_layers)
+    print(f"circuit-tracer transcoder set: {out}")
+    return 0
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "train": cmd_train,
     "eval": cmd_eval,
@@ -295,6 +312,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "analyze": cmd_analyze,
     "report": cmd_report,
     "steer": cmd_steer,
+    "export": cmd_export,
 }
 
 

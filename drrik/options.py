@@ -32,6 +32,7 @@ log = get_logger(__name__)
 S = TypeVar("S", bound=Serializable)
 SteerMode = Literal["add", "clamp"]
 SteerUnits = Literal["max", "absolute"]
+ExportFormat = Literal["circuit-tracer"]
 _EXPECTED = {bool: "true or false", str: "a string", int: "a whole number", float: "a number"}
 
 
@@ -182,6 +183,23 @@ class StatusOptions(Serializable):
 
     json: bool = False
     """Print JSON instead of text."""
+
+
+@dataclass
+class ExportOptions(Serializable):
+    """Where ``drrik export`` writes a run's transcoders, and for which tool."""
+
+    to: ExportFormat = "circuit-tracer"
+    """Target layout: circuit-tracer (a transcoder set, one file per model layer)."""
+    out: str | None = None
+    """Directory to write (replaced whole if it exists)."""
+    n_layers: int | None = None
+    """The model's layer count (default: read from the model's local directory)."""
+
+    def check(self) -> None:
+        check_choices(self)
+        require(bool(self.out), "out", self.out, "give --out DIR")
+        require(self.n_layers is None or self.n_layers > 0, "n_layers", self.n_layers, "use > 0")
 
 
 @dataclass
