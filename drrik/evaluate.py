@@ -63,15 +63,22 @@ class EvalTarget:
     scale: float = 1.0
     target_hook: str = ""
     """The hook its reconstruction replaces; empty means ``hook`` (an SAE)."""
+    target_scale: float = 0.0
+    """The target's training scale (a transcoder's); 0 means ``scale``."""
 
     def __post_init__(self) -> None:
         self.target_hook = self.target_hook or self.hook
+        self.target_scale = self.target_scale or self.scale
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(feature activations, reconstruction) for raw activations ``x``, in raw units."""
-        feats = self.sae.encode(x.float() * self.scale)
-        return feats, self.sae.decode(feats) / self.scale
+        x = x.float() * self.scale
+        feats = self.sae.encode(x)
+        out = self.sae.decode(feats)
+        skip = self.sae.skip(x)
+        out = out if skip is None else out + skip
+        return feats, out / self.target_scale
 
 
 @dataclass

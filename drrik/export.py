@@ -61,7 +61,7 @@ def export_run(
     for learner in run.learners:
         sae = build_sae(learner.sae.cfg, device=learner.sae.W_dec.device)
         sae.load_state_dict(learner.sae.state_dict())
-        sae.fold_activation_scale(learner.scale)
+        sae.fold_activation_scale(learner.scale, learner.target_scale)
         sparsity = torch.log10(densities[learner.name] + 1e-10)
         path = sae.save(
             final_dir(run, learner),
