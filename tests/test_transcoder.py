@@ -19,7 +19,7 @@ from test_sae import make
 from test_trainer import BATCH, fit, one_thread, run_config
 
 import drrik
-from drrik.evaluate import EvalTarget
+from drrik.evaluate import SPLICED_TOGETHER, EvalTarget
 from drrik.run_dir import RunDir
 from drrik.sae import SAE, SAEConfig, build_sae
 
@@ -174,14 +174,32 @@ def test_every_layer_from_one_stream(
         "target_hook": ["blocks.{layer}.hook_mlp_out"],
         "layers": ["all"],
     }
-    cfg = run_config(tmp_path / "run", tiny_model_dir, model=model)
+    cfg = run_config(tmp_path / "run", tiny_model_dir, model=model, eval={"eval_together": True})
     n_layers = tiny_model.cfg.n_layers
     specs = cfg.dictionaries(n_layers)
     assert [s.name for s in specs] == [f"blocks.{n}.mlp.hook_in" for n in range(n_layers)]
     assert [s.target_hook for s in specs] == [f"blocks.{n}.hook_mlp_out" for n in range(n_layers)]
     run, metrics = fit(cfg, tiny_model, docs)
-    assert set(metrics) == {s.name for s in specs}
+    assert set(metrics) == {s.name for s in specs} | {SPLICED_TOGETHER}
     for spec in specs:
         meta = json.loads((Path(cfg.out) / "final" / spec.name / "cfg.json").read_text())
         assert meta["metadata"]["hook_name_out"] == spec.target_hook
     assert run.progress.tokens == cfg.trainer.training_tokens // BATCH * BATCH
+
+    # Every transcoder spliced in at once: its own file, the per-dictionary metric names.
+    together = metrics[SPLICED_TOGETHER]
+    saved = json.loads((Path(cfg.out) / "final" / f"{SPLICED_TOGETHER}.json").read_text())
+    assert saved == together and together["kl_div_with_sae"] > 0
+    assert set(together) == {
+        "ce_loss_clean",
+        "ce_loss_with_sae",
+        "ce_loss_zero_ablated",
+        "ce_loss_recovered",
+        "kl_div_with_sae",
+    }
+    assert run.evaluator is not None
+    one = run.learners[2]
+    alone = run.evaluator.together([one.eval_target()])  # one dictionary: as evaluated alone
+    for key, value in alone.items():
+        assert value == pytest.approx(metrics[one.name][key], rel=1e-4, abs=1e-6), key
+    assert together["ce_loss_zero_ablated"] != alone["ce_loss_zero_ablated"]
