@@ -19,9 +19,12 @@ from test_sae import make
 from test_trainer import BATCH, fit, one_thread, run_config
 
 import drrik
+from drrik.config import TrainerConfig
 from drrik.evaluate import SPLICED_TOGETHER, EvalTarget
+from drrik.learner import Learner
 from drrik.run_dir import RunDir
-from drrik.sae import SAE, SAEConfig, build_sae
+from drrik.sae import SAE, SAEConfig, build_sae, resample_dead_features
+from drrik.sae.spec import DictionarySpec
 
 __all__ = ["one_thread"]  # the autouse fixture: one torch thread here too
 
@@ -203,3 +206,28 @@ def test_every_layer_from_one_stream(
     for key, value in alone.items():
         assert value == pytest.approx(metrics[one.name][key], rel=1e-4, abs=1e-6), key
     assert together["ce_loss_zero_ablated"] != alone["ce_loss_zero_ablated"]
+
+
+def test_checkpoint_keeps_the_target_scale_and_old_ones_load() -> None:
+    spec = DictionarySpec("tc", (IN,), (OUT,), SAEConfig(d_in=D_IN, d_out=D_OUT, d_sae=10))
+    learner = Learner.build(spec, TrainerConfig(), 10, torch.device("cpu"))
+    learner.scale, learner.target_scale = 2.0, 5.0
+    state = learner.state_dict()
+    fresh = Learner.build(spec, TrainerConfig(), 10, torch.device("cpu"))
+    fresh.load_state_dict(state)
+    assert (fresh.scale, fresh.target_scale) == (2.0, 5.0)
+    del state["target_scale"]  # a checkpoint from before transcoders: one scale
+    fresh.load_state_dict(state)
+    assert (fresh.scale, fresh.target_scale) == (2.0, 2.0)
+
+
+def test_resampling_points_decoder_rows_at_targets() -> None:
+    sae = transcoder("relu", skip=False)
+    x, y = pair(64)
+    dead = torch.zeros(10, dtype=torch.bool)
+    dead[:3] = True
+    resample_dead_features(sae, None, dead, x, y)
+    rows = sae.W_dec[:3]
+    torch.testing.assert_close(rows.norm(dim=1), torch.ones(3))
+    unit_targets = y / y.norm(dim=1, keepdim=True)
+    assert (rows @ unit_targets.T).amax(dim=1).min() > 1 - 1e-5  # each row is a drawn target
