@@ -121,6 +121,11 @@ def test_saved_transcoder_reloads(tmp_path: Path, architecture: str, skip: bool,
     weights = load_file(str(tmp_path / "tc" / "sae_weights.safetensors"))
     assert ("W_skip" in weights) == skip and weights["b_dec"].shape == (D_OUT,)
 
+    del cfg["drrik"]  # as SAELens writes it
+    (tmp_path / "tc" / "cfg.json").write_text(json.dumps(cfg))
+    with torch.no_grad():
+        torch.testing.assert_close(drrik.load_sae(tmp_path / "tc")(x), sae(x))
+
 
 # ---- training on the tiny model ------------------------------------------------------------
 

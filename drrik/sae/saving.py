@@ -99,15 +99,19 @@ def save_sae(
 def _config_from_saelens(cfg_json: dict[str, Any]) -> SAEConfig:
     """A drrik config for a directory SAELens wrote (no ``drrik`` block)."""
     arch = cfg_json.get("architecture", "standard")
+    transcoders = {name: key for key, name in _TRANSCODERS.items()}
+    base, skip = transcoders.get(arch, (arch, False))
     require(
-        arch in _FROM_SAELENS,
+        base in _FROM_SAELENS,
         "architecture",
         arch,
-        f"drrik loads SAELens architectures {', '.join(_FROM_SAELENS)}",
+        f"drrik loads SAELens architectures {', '.join([*_FROM_SAELENS, *transcoders])}",
     )
     return SAEConfig(
-        architecture=_FROM_SAELENS[arch],
+        architecture=_FROM_SAELENS[base],
         d_in=int(cfg_json["d_in"]),
+        d_out=int(cfg_json.get("d_out") or 0),
+        skip_connection=skip,
         d_sae=int(cfg_json["d_sae"]),
         k=cfg_json.get("k"),
         apply_b_dec_to_input=bool(cfg_json.get("apply_b_dec_to_input", True)),
