@@ -190,6 +190,10 @@ CASES: dict[str, Bad] = {
     "train-layers-without-a-template": train(
         "--hook", "blocks.1.hook_resid_post", "--layers", "0", "1", named="hook_resid_post"
     ),
+    "train-layers-beyond-the-model": train(
+        *("--hook", "blocks.{{layer}}.hook_resid_post", "--layers", "0", "9"),
+        named="blocks.9.hook_resid_post",
+    ),
     "train-layers-a-word": train(
         "--hook", "blocks.{{layer}}.hook_resid_post", "--layers", "first", named="first"
     ),
