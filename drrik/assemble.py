@@ -113,7 +113,7 @@ def _build(
         dtype=cfg.model.model_dtype,
         n_devices=cfg.model.model_n_devices,
     )
-    specs = cfg.dictionaries()
+    specs = cfg.dictionaries(model.cfg.n_layers)
     hooks = list(dict.fromkeys(h for spec in specs for h in spec.hooks))
     shards = dist.local_shards(cfg.distributed.data_shards)
     stores = [
@@ -148,7 +148,8 @@ def _build(
     d_in = stores[0].d_in
     for i, spec in enumerate(specs):
         torch.manual_seed(cfg.trainer.seed + i)
-        sized = replace(spec, sae=replace(spec.sae, d_in=d_in[spec.input_hook]))
+        widths = {"d_in": d_in[spec.input_hook], "d_out": d_in[spec.target_hook]}
+        sized = replace(spec, sae=replace(spec.sae, **widths))
         run.learners.append(Learner.build(sized, cfg.trainer, run.total_steps, device))
     if restore(run):
         if run.verbose:

@@ -12,7 +12,7 @@ module (only config modules and the errors), so a config loads without the train
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -42,6 +42,15 @@ DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_HOOK = "blocks.12.hook_resid_post"
 Dtype = Literal["float32", "bfloat16", "float16"]
 _HOOK_PATTERN = re.compile(r"^[A-Za-z_][\w.]*$")
+_BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.")
+LAYER = "{layer}"
+"""The placeholder a hook template holds, filled with each of --layers."""
+
+
+def hook_layer(hook: str) -> int | None:
+    """The block index of a ``blocks.N.*`` hook, or None for hooks outside the blocks."""
+    match = _BLOCK_HOOK.match(hook)
+    return int(match.group(1)) if match else None
 
 
 @dataclass
@@ -51,7 +60,14 @@ class ModelConfig(Serializable):
     model: str = DEFAULT_MODEL
     """Hub name (gpt2, EleutherAI/pythia-70m), local HF directory, .gguf file, or smollm2-135m."""
     hook: list[str] = field(default_factory=lambda: [DEFAULT_HOOK])
-    """TransformerLens hook names; several hooks share one forward pass (--hook a b)."""
+    """TransformerLens hook names; several hooks share one forward pass (--hook a b). With
+    --layers, templates holding {layer}, e.g. blocks.{layer}.mlp.hook_in."""
+    target_hook: list[str] = field(default_factory=list)
+    """Hooks reconstructed, one per --hook in order (transcoders); empty = each --hook
+    (SAEs). For an MLP transcoder: --hook blocks.N.mlp.hook_in --target-hook
+    blocks.N.hook_mlp_out."""
+    layers: list[str] = field(default_factory=list)
+    """Fill every {layer} template with each of these layers (numbers, or all)."""
     device: str = "cpu"
     """Device of the model and the SAE: cpu, cuda, cuda:1, mps."""
     model_dtype: Literal["auto", Dtype] = "auto"
@@ -66,14 +82,35 @@ class ModelConfig(Serializable):
         check_choices(self)
         require(bool(self.model.strip()), "model", self.model, "name a model, e.g. smollm2-135m")
         require(bool(self.hook), "hook", self.hook, "name at least one hook")
-        for name in self.hook:
-            require(
-                bool(_HOOK_PATTERN.match(name)),
-                "hook",
-                name,
-                "use TransformerLens hook names, e.g. blocks.6.hook_resid_post",
-            )
+        for flag, names in (("hook", self.hook), ("target_hook", self.target_hook)):
+            for name in names:
+                require(
+                    bool(_HOOK_PATTERN.match(name.replace(LAYER, "0"))),
+                    flag,
+                    name,
+                    "use TransformerLens hook names, e.g. blocks.6.hook_resid_post",
+                )
+                require(
+                    LAYER not in name or bool(self.layers),
+                    flag,
+                    name,
+                    "a {layer} template needs --layers (numbers, or all)",
+                )
         require(len(set(self.hook)) == len(self.hook), "hook", self.hook, "list each hook once")
+        require(
+            len(self.target_hook) in (0, len(self.hook)),
+            "target_hook",
+            self.target_hook,
+            f"give one target per --hook ({len(self.hook)}), in the same order",
+        )
+        require(
+            self.layers == ["all"] or all(n.isdigit() for n in self.layers),
+            "layers",
+            self.layers,
+            "use layer numbers (--layers 0 1 2) or --layers all",
+        )
+        for name in self.hook if self.layers else []:
+            require(LAYER in name, "hook", name, "with --layers, every --hook holds {layer}")
         require(self.model_n_devices >= 1, "model_n_devices", self.model_n_devices, "use >= 1")
         check_device(self.device)
 
@@ -81,6 +118,27 @@ class ModelConfig(Serializable):
     def hook_names(self) -> list[str]:
         """The hooks, in the order given."""
         return list(self.hook)
+
+    def hook_pairs(self, n_layers: int) -> list[tuple[str, str]]:
+        """(input hook, target hook) of every dictionary, templates filled with each layer
+        (``n_layers`` is the model's, for --layers all)."""
+        pairs = list(zip(self.hook, self.target_hook or self.hook, strict=True))
+        if self.layers:
+            layers = range(n_layers) if self.layers == ["all"] else map(int, self.layers)
+            pairs = [
+                (h.replace(LAYER, str(n)), t.replace(LAYER, str(n)))
+                for n in layers
+                for h, t in pairs
+            ]
+        for reads, writes in pairs:
+            start, end = hook_layer(reads), hook_layer(writes)
+            require(
+                start is None or end is None or end >= start,
+                "target_hook",
+                writes,
+                f"it comes before its input {reads}; a dictionary reconstructs a later hook",
+            )
+        return pairs
 
 
 @dataclass
@@ -192,8 +250,7 @@ class RunConfig(Serializable):
             "raise training_tokens or lower train_batch_size_tokens",
         )
         self.store.check_fits(self.data.context_size)
-        for setting in parse_sweep(self.trainer.sweep):
-            self.sae_configs_for(setting)  # each swept SAE config must validate too
+        self.dictionaries()  # each swept config and each hook pair must validate too
         # Training keeps no fp32 master weights and no loss scaler: fp16 gradients underflow
         # and Adam's eps (1e-8) rounds to 0 in fp16, so the first tiny second moment gives NaN.
         require(
@@ -204,19 +261,35 @@ class RunConfig(Serializable):
             "compute) or bfloat16",
         )
 
-    def dictionaries(self) -> list[DictionarySpec]:
-        """Every dictionary this run trains: each hook times each sweep setting, in order."""
-        hooks = self.model.hook_names
+    def dictionaries(self, n_layers: int = 1) -> list[DictionarySpec]:
+        """Every dictionary this run trains: each (input, target) hook pair times each sweep
+        setting, in order; ``n_layers`` (the model's) fills --layers all.
+
+        A transcoder never subtracts ``b_dec`` from its input: ``b_dec`` is the bias of
+        another hook's output (SAELens refuses ``apply_b_dec_to_input`` for transcoders).
+        """
+        pairs = self.model.hook_pairs(n_layers)
         return [
             DictionarySpec(
-                slot_name(hook, setting, len(hooks) > 1),
-                (hook,),
-                (hook,),
-                self.sae_configs_for(setting),
+                slot_name(reads, setting, len(pairs) > 1),
+                (reads,),
+                (writes,),
+                self.dictionary_config(setting, transcoder=reads != writes),
             )
-            for hook in hooks
+            for reads, writes in pairs
             for setting in parse_sweep(self.trainer.sweep)
         ]
+
+    def dictionary_config(self, setting: dict[str, str], transcoder: bool) -> SAEConfig:
+        """One dictionary's config: the sweep setting applied, a transcoder's input kept."""
+        sae = self.sae_configs_for(setting)
+        require(
+            transcoder or not sae.skip_connection,
+            "skip_connection",
+            True,
+            "a skip connection is for transcoders; name their outputs with --target-hook",
+        )
+        return replace(sae, apply_b_dec_to_input=False) if transcoder else sae
 
     def sae_configs_for(self, setting: dict[str, str]) -> SAEConfig:
         """The SAE config with one sweep setting applied, each value typed like its field."""

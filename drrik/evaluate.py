@@ -16,11 +16,15 @@ Definitions (every mean is over the evaluated tokens, special-token positions ex
 
 Only non-special positions are replaced: the BOS position's activation is an outlier SAEs are
 not trained on, and replacing it would measure that instead of the SAE.
+
+:func:`evaluate_together` measures a set (every layer's transcoder) as one replacement model:
+the CE and KL metrics above with every dictionary spliced in during the same forward pass.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +34,9 @@ import torch.nn.functional as F
 from drrik.data import ContextStream
 from drrik.errors import require
 from drrik.sae import SAE
+
+SPLICED_TOGETHER = "spliced_together"
+"""The name under which a run reports its dictionaries evaluated all at once."""
 
 
 def held_out_contexts(
@@ -63,15 +70,22 @@ class EvalTarget:
     scale: float = 1.0
     target_hook: str = ""
     """The hook its reconstruction replaces; empty means ``hook`` (an SAE)."""
+    target_scale: float = 0.0
+    """The target's training scale (a transcoder's); 0 means ``scale``."""
 
     def __post_init__(self) -> None:
         self.target_hook = self.target_hook or self.hook
+        self.target_scale = self.target_scale or self.scale
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(feature activations, reconstruction) for raw activations ``x``, in raw units."""
-        feats = self.sae.encode(x.float() * self.scale)
-        return feats, self.sae.decode(feats) / self.scale
+        x = x.float() * self.scale
+        feats = self.sae.encode(x)
+        out = self.sae.decode(feats)
+        skip = self.sae.skip(x)
+        out = out if skip is None else out + skip
+        return feats, out / self.target_scale
 
 
 @dataclass
@@ -152,6 +166,85 @@ def _replace(new: torch.Tensor) -> Any:
     return lambda act, hook: new
 
 
+def _put(acts: torch.Tensor, kept: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """A copy of ``acts [batch, ctx, d]`` with ``values`` at the ``kept`` positions."""
+    out = acts.clone()
+    out[kept] = values.to(acts.device, acts.dtype)
+    return out
+
+
+def _splice_hooks(targets: list[EvalTarget], keep: torch.Tensor) -> list[tuple[str, Any]]:
+    """Hooks that capture each dictionary's input as it flows in this forward pass and replace
+    its target hook with its output (an SAE captures and replaces the same hook)."""
+    inputs: dict[str, torch.Tensor] = {}
+
+    def capture(target: EvalTarget) -> Any:
+        return lambda act, hook: inputs.__setitem__(target.name, act)
+
+    def splice(target: EvalTarget) -> Any:
+        def hook_fn(act: torch.Tensor, hook: Any) -> torch.Tensor:
+            x = inputs.pop(target.name)
+            sae_device = next(target.sae.parameters()).device
+            _, out = target.reconstruct(x[keep.to(x.device)].to(sae_device))
+            return _put(act, keep.to(act.device), out)
+
+        return hook_fn
+
+    return [(t.hook, capture(t)) for t in targets] + [(t.target_hook, splice(t)) for t in targets]
+
+
+def _zero_at(keep: torch.Tensor) -> Any:
+    """A hook function that zeroes the hooked activation at the ``keep`` positions."""
+    return lambda act, hook: act.masked_fill(keep.to(act.device)[..., None], 0)
+
+
+@torch.no_grad()
+def evaluate_together(
+    model: Any,
+    targets: list[EvalTarget],
+    contexts: Iterable[torch.Tensor],
+    exclude_ids: torch.Tensor,
+) -> dict[str, float]:
+    """CE and KL metrics with every dictionary of ``targets`` spliced in at once.
+
+    One forward pass replaces every target hook, each dictionary reading its input as it flows
+    in that pass (downstream of earlier replacements, as a replacement model runs); the
+    baseline zero-ablates every target hook at once.
+    """
+    writes = [t.target_hook for t in targets]
+    require(
+        len(set(writes)) == len(writes),
+        "target_hook",
+        writes,
+        "dictionaries evaluated together must write different hooks",
+    )
+    device = next(model.parameters()).device
+    ce_clean = ce_with = ce_zero = kl = 0.0
+    positions = 0
+    for tokens in contexts:
+        tokens = tokens.to(device)
+        keep = ~torch.isin(tokens, exclude_ids.to(device))
+        next_tokens = tokens[:, 1:]
+        clean = _clean_log_probs(model.run_with_hooks(tokens, fwd_hooks=[]))
+        ce_clean += float(_nll(clean, next_tokens))
+        positions += next_tokens.numel()
+        spliced = model.run_with_hooks(tokens, fwd_hooks=_splice_hooks(targets, keep))
+        ce, divergence = _ce_and_kl(spliced, next_tokens, clean)
+        ce_with, kl = ce_with + ce, kl + divergence
+        del spliced
+        zeroed = model.run_with_hooks(tokens, fwd_hooks=[(h, _zero_at(keep)) for h in writes])
+        ce_zero += _ce_and_kl(zeroed, next_tokens, None)[0]
+    n = max(positions, 1)
+    clean, with_saes, zero = ce_clean / n, ce_with / n, ce_zero / n
+    return {
+        "ce_loss_clean": clean,
+        "ce_loss_with_sae": with_saes,
+        "ce_loss_zero_ablated": zero,
+        "ce_loss_recovered": (zero - with_saes) / (zero - clean) if zero > clean else 0.0,
+        "kl_div_with_sae": kl / n,
+    }
+
+
 @torch.no_grad()
 def evaluate(
     model: Any,
@@ -186,8 +279,7 @@ def evaluate(
             feats, x_hat = target.reconstruct(inputs[keep.to(inputs.device)].to(sae_device))
             s = sums[target.name]
             s.add(acts[kept].to(sae_device), feats, x_hat)
-            spliced = acts.clone()
-            spliced[kept] = x_hat.to(acts.device, acts.dtype)
+            spliced = _put(acts, kept, x_hat)
             del feats, x_hat
             with_sae = model.run_with_hooks(
                 tokens, fwd_hooks=[(target.target_hook, _replace(spliced))]
@@ -222,16 +314,28 @@ class Evaluator:
         self, targets: list[EvalTarget]
     ) -> tuple[dict[str, dict[str, float]], dict[str, torch.Tensor]]:
         """:func:`evaluate` of ``targets``, their dictionaries in eval mode meanwhile."""
-        modes = [t.sae.training for t in targets]
-        for target in targets:
-            target.sae.eval()
-        try:
+        with _eval_mode(targets):
             return evaluate(
                 self.model, targets, self.contexts, self.exclude_ids, self.dense_threshold
             )
-        finally:
-            for target, mode in zip(targets, modes, strict=True):
-                target.sae.train(mode)
+
+    def together(self, targets: list[EvalTarget]) -> dict[str, float]:
+        """:func:`evaluate_together` of ``targets``, their dictionaries in eval mode meanwhile."""
+        with _eval_mode(targets):
+            return evaluate_together(self.model, targets, self.contexts, self.exclude_ids)
+
+
+@contextlib.contextmanager
+def _eval_mode(targets: list[EvalTarget]) -> Iterator[None]:
+    """The dictionaries of ``targets`` in eval mode, their modes restored afterwards."""
+    modes = [t.sae.training for t in targets]
+    for target in targets:
+        target.sae.eval()
+    try:
+        yield
+    finally:
+        for target, mode in zip(targets, modes, strict=True):
+            target.sae.train(mode)
 
 
 def _finish(

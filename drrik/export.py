@@ -9,14 +9,17 @@ artifact. Rank 0 only.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
+from drrik.evaluate import SPLICED_TOGETHER
 from drrik.learner import Learner
 from drrik.logs import get_logger
 from drrik.plots import plot_feature_density, plot_training_curves
 from drrik.run import Run
+from drrik.run_dir import atomic_write
 from drrik.sae import build_sae
 from drrik.wandb_logging import WandbLogger
 
@@ -61,7 +64,7 @@ def export_run(
     for learner in run.learners:
         sae = build_sae(learner.sae.cfg, device=learner.sae.W_dec.device)
         sae.load_state_dict(learner.sae.state_dict())
-        sae.fold_activation_scale(learner.scale)
+        sae.fold_activation_scale(learner.scale, learner.target_scale)
         sparsity = torch.log10(densities[learner.name] + 1e-10)
         path = sae.save(
             final_dir(run, learner),
@@ -77,3 +80,11 @@ def export_run(
             run.cfg.eval.dense_threshold,
         )
     logger.log_images(images, tokens)
+
+
+def save_together(run: Run, metrics: dict[str, float]) -> Path:
+    """The metrics of every dictionary spliced in at once, as ``final/spliced_together.json``."""
+    path = run.run_dir.final_path / f"{SPLICED_TOGETHER}.json"
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(metrics, indent=2))
+    return path

@@ -56,8 +56,10 @@ class Learner:
     cfg: TrainerConfig
     scale: float = 1.0
     """Input scale (expected_average_only_in), folded into the dictionary at export."""
+    target_scale: float = 1.0
+    """The target hook's own scale (a transcoder's); equal to ``scale`` for an SAE."""
     forward: Any = None
-    """``sae.training_forward``, compiled with ``--compile-sae``."""
+    """``sae.fit_forward``, compiled with ``--compile-sae``."""
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
     nonfinite_step: torch.Tensor | None = None
     """First step with a NaN/Inf loss, -1 if none (on device)."""
@@ -82,35 +84,51 @@ class Learner:
             build_lr_scheduler(optimizer, cfg, total_steps),
             DeadFeatureTracker(sae.d_sae, device=device),
             cfg,
-            forward=torch.compile(sae.training_forward) if cfg.compile_sae else None,
+            forward=torch.compile(sae.fit_forward) if cfg.compile_sae else None,
         )
 
     def __post_init__(self) -> None:
         if self.forward is None:
-            self.forward = self.sae.training_forward
+            self.forward = self.sae.fit_forward
 
     @property
     def name(self) -> str:
         return self.spec.name
 
-    def _inputs(self, acts: dict[str, torch.Tensor], hook: str = "") -> torch.Tensor:
-        """A hook's activations (the input hook's by default) as the dictionary sees them."""
-        return acts[hook or self.spec.input_hook].to(self.sae.W_dec.dtype) * self.scale
+    def _inputs(self, acts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The input hook's activations as the encoder sees them."""
+        return acts[self.spec.input_hook].to(self.sae.W_dec.dtype) * self.scale
+
+    def _targets(self, acts: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The target hook's activations as the decoder learns them; ``None`` for an SAE."""
+        if self.spec.same_hook:
+            return None
+        return acts[self.spec.target_hook].to(self.sae.W_dec.dtype) * self.target_scale
+
+    def _scale_of(self, hook: str, stores: list[Any], dist: Distributed) -> float:
+        """The mean of every shard's scale estimate for ``hook``."""
+        local = sum(store.norm_scaling_factor(hook) for store in stores) / len(stores)
+        total = torch.tensor(local, dtype=torch.float64, device=self.sae.W_dec.device)
+        return float(dist.average_(total))
 
     @torch.no_grad()
     def initialize(self, stores: list[Any], dist: Distributed) -> None:
-        """Input scale and b_dec from real activations of every local store.
+        """Input and target scales and b_dec from real activations of every local store.
 
-        The scale averages every shard's estimate; b_dec comes from shard 0 and is broadcast,
-        so all ranks start from the same dictionary.
+        Each scale averages every shard's estimate; b_dec (the output's bias, so a
+        transcoder's comes from its target hook) comes from shard 0 and is broadcast, so all
+        ranks start from the same dictionary.
         """
-        hook = self.spec.input_hook
         if self.cfg.normalize_activations == "expected_average_only_in":
-            local = sum(store.norm_scaling_factor(hook) for store in stores) / len(stores)
-            total = torch.tensor(local, dtype=torch.float64, device=self.sae.W_dec.device)
-            self.scale = float(dist.average_(total))
+            self.scale = self._scale_of(self.spec.input_hook, stores, dist)
+            self.target_scale = (
+                self.scale
+                if self.spec.same_hook
+                else self._scale_of(self.spec.target_hook, stores, dist)
+            )
         if self.cfg.b_dec_init_method != "zeros" and dist.is_main:
-            sample = stores[0].sample(hook, GEOMETRIC_MEDIAN_SAMPLES) * self.scale
+            hook = self.spec.target_hook
+            sample = stores[0].sample(hook, GEOMETRIC_MEDIAN_SAMPLES) * self.target_scale
             mean = self.cfg.b_dec_init_method == "mean"
             center = sample.mean(0) if mean else geometric_median(sample)
             self.sae.b_dec.copy_(center.to(self.sae.b_dec))
@@ -135,7 +153,7 @@ class Learner:
             if self.cfg.autocast
             else contextlib.nullcontext()
         )
-        target = None if self.spec.same_hook else self._inputs(acts, self.spec.target_hook)
+        target = self._targets(acts)
         with autocast:
             out = self.forward(x, sparsity_warm_up * self.sae.cfg.l1_coefficient, dead, target)
         out.loss.backward()
@@ -186,7 +204,9 @@ class Learner:
     def resample(self, acts: dict[str, torch.Tensor], dist: Distributed) -> None:
         """Resample dead features on this rank's inputs and give every rank rank 0's result."""
         dead = self.tracker.dead_mask(self.cfg.dead_feature_window)
-        resample_dead_features(self.sae, self.optimizer, dead, self._inputs(acts))
+        resample_dead_features(
+            self.sae, self.optimizer, dead, self._inputs(acts), self._targets(acts)
+        )
         self.tracker.tokens_since_fired.masked_fill_(dead, 0)
         # Not Adam's ``step``: a host scalar (NCCL takes none), equal on every rank anyway.
         moments = [
@@ -238,7 +258,12 @@ class Learner:
 
     def eval_target(self) -> EvalTarget:
         return EvalTarget(
-            self.name, self.spec.input_hook, self.sae, self.scale, self.spec.target_hook
+            self.name,
+            self.spec.input_hook,
+            self.sae,
+            self.scale,
+            self.spec.target_hook,
+            self.target_scale,
         )
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -250,6 +275,7 @@ class Learner:
             "scheduler": self.scheduler.state_dict(),
             "tracker": self.tracker.state_dict(),
             "scale": self.scale,
+            "target_scale": self.target_scale,
         }
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
@@ -265,3 +291,4 @@ class Learner:
         self.tracker.load_state_dict(saved["tracker"])
         self.idle_bound = at_least(float(self.tracker.tokens_since_fired.max()))
         self.scale = saved["scale"]
+        self.target_scale = saved.get("target_scale", self.scale)  # SAE checkpoints lack it

@@ -12,7 +12,6 @@ import difflib
 import hashlib
 import importlib.util
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,13 +19,13 @@ from typing import Any
 
 import torch
 
+from drrik.config import hook_layer
 from drrik.dtypes import torch_dtype
 from drrik.errors import ConfigError, describe, reading, require
 from drrik.paths import cache_dir
 
 EMBEDDED_MODEL = "smollm2-135m"
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.")
 
 
 def native_bfloat16(device: str) -> bool:
@@ -185,12 +184,6 @@ def load_model(
             f"use a hub name, a local directory, a .gguf file or {EMBEDDED_MODEL}",
         ) from None
     return bridge.eval()
-
-
-def hook_layer(hook: str) -> int | None:
-    """The block index of a ``blocks.N.*`` hook, or None for hooks outside the blocks."""
-    match = _BLOCK_HOOK.match(hook)
-    return int(match.group(1)) if match else None
 
 
 def stop_at_layer(hooks: list[str]) -> int | None:

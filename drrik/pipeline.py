@@ -12,8 +12,8 @@ from typing import Any
 
 from drrik.assemble import assemble
 from drrik.config import RunConfig
-from drrik.evaluate import format_metrics
-from drrik.export import Metrics, export_run
+from drrik.evaluate import SPLICED_TOGETHER, format_metrics
+from drrik.export import Metrics, export_run, save_together
 from drrik.logs import get_logger
 from drrik.run import Run
 from drrik.trainer import Trainer, TrainingStopped
@@ -55,6 +55,13 @@ def train_run(run: Run) -> Metrics:
                 export_run(run, metrics, densities, logger)
                 if run.verbose:
                     log.info(format_metrics(metrics))
+                if run.cfg.eval.eval_together:
+                    together = {SPLICED_TOGETHER: run.evaluator.together(targets)}
+                    save_together(run, together[SPLICED_TOGETHER])
+                    if run.verbose:
+                        log.info(format_metrics(together))
+                    metrics |= together
+                if run.verbose:
                     log.info(f"saved to {run.run_dir.final_path.resolve()}")
         except TrainingStopped as exc:
             run.heartbeat("stopped")

@@ -149,6 +149,9 @@ class EvalConfig(Serializable):
     """Contexts per forward pass during evaluation."""
     dense_threshold: float = 0.1
     """A feature firing on more than this fraction of tokens counts as dense."""
+    eval_together: bool = False
+    """At the end, also evaluate every dictionary spliced in during one forward pass (a
+    transcoder per layer as a replacement model), reported as spliced_together."""
 
     def __post_init__(self) -> None:
         require(self.eval_every_tokens >= 0, "eval_every_tokens", self.eval_every_tokens, ">= 0")

@@ -169,6 +169,34 @@ CASES: dict[str, Bad] = {
     "train-flag-not-a-number": train("--lr", "abc", named="abc"),
     "train-context-size-1": train("--context-size", "1", named="context_size=1"),
     "train-hook-unknown": train("--hook", "blocks.99.hook_resid_post", named="blocks.99"),
+    # -- transcoders and layer templates (issue 13) -------------------------------------------
+    "train-target-hooks-fewer-than-hooks": train(
+        *("--hook", "blocks.0.mlp.hook_in", "blocks.1.mlp.hook_in"),
+        *("--target-hook", "blocks.1.hook_mlp_out"),
+        named="target_hook",
+    ),
+    "train-target-hook-before-its-input": train(
+        *("--hook", "blocks.2.mlp.hook_in", "--target-hook", "blocks.1.hook_mlp_out"),
+        named="blocks.1.hook_mlp_out",
+    ),
+    "train-target-hook-unknown": train(
+        *("--hook", "blocks.1.mlp.hook_in", "--target-hook", "blocks.1.hook_mlp_outt"),
+        named="blocks.1.hook_mlp_out,",  # the closest valid name is offered
+    ),
+    "train-skip-connection-on-an-sae": train("--skip-connection", named="skip_connection"),
+    "train-layer-template-without-layers": train(
+        "--hook", "blocks.{{layer}}.hook_resid_post", named="{layer}"
+    ),
+    "train-layers-without-a-template": train(
+        "--hook", "blocks.1.hook_resid_post", "--layers", "0", "1", named="hook_resid_post"
+    ),
+    "train-layers-beyond-the-model": train(
+        *("--hook", "blocks.{{layer}}.hook_resid_post", "--layers", "0", "9"),
+        named="blocks.9.hook_resid_post",
+    ),
+    "train-layers-a-word": train(
+        "--hook", "blocks.{{layer}}.hook_resid_post", "--layers", "first", named="first"
+    ),
     # -- eval ------------------------------------------------------------------------------
     "eval-truncated-weights": on_run("eval", named="sae_weights.safetensors", cut=WEIGHTS),
     "eval-garbage-cfg-json": on_run("eval", named="cfg.json", files={CFG: "{not json"}),

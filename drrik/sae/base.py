@@ -1,7 +1,8 @@
 """The one SAE interface every architecture implements.
 
 Layout follows SAELens so saved SAEs load there: ``W_enc [d_in, d_sae]``,
-``W_dec [d_sae, d_in]``, ``b_enc [d_sae]``, ``b_dec [d_in]``.
+``W_dec [d_sae, d_out]``, ``b_enc [d_sae]``, ``b_dec [d_out]``, and a skip transcoder's
+``W_skip [d_out, d_in]``. An SAE has ``d_out == d_in``.
 
 Loss convention: reconstruction error is the squared L2 norm summed over ``d_in`` and
 averaged over the batch; sparsity terms are summed over features and averaged over the batch.
@@ -116,17 +117,25 @@ class SAE(nn.Module):
         cfg.check_buildable()
         self.cfg = cfg
         self.d_in = cfg.d_in
+        self.d_out = cfg.resolved_d_out()
         self.d_sae = cfg.resolved_d_sae()
         self.normalize_decoder = cfg.resolved_normalize_decoder()
         dtype = cfg.torch_dtype()
         # Drawn on CPU in float32 so one seed gives the same SAE on every device and dtype.
-        directions = torch.randn(self.d_sae, self.d_in)
-        directions /= directions.norm(dim=1, keepdim=True)
-        W_dec = directions * (1.0 if self.normalize_decoder else DECODER_INIT_NORM)
+        # The encoder starts as the decoder's transpose, which needs equal widths.
+        W_dec = self._unit_rows(self.d_out) * (1.0 if self.normalize_decoder else DECODER_INIT_NORM)
+        W_enc = W_dec.T if self.d_out == self.d_in else self._unit_rows(self.d_in).T
         self.W_dec = nn.Parameter(W_dec.to(device=device, dtype=dtype))
-        self.W_enc = nn.Parameter(W_dec.T.contiguous().to(device=device, dtype=dtype))
+        self.W_enc = nn.Parameter(W_enc.contiguous().to(device=device, dtype=dtype))
         self.b_enc = nn.Parameter(torch.zeros(self.d_sae, device=device, dtype=dtype))
-        self.b_dec = nn.Parameter(torch.zeros(self.d_in, device=device, dtype=dtype))
+        self.b_dec = nn.Parameter(torch.zeros(self.d_out, device=device, dtype=dtype))
+        skip = torch.zeros(self.d_out, self.d_in, device=device, dtype=dtype)
+        self.W_skip = nn.Parameter(skip) if cfg.skip_connection else None
+
+    def _unit_rows(self, width: int) -> Tensor:
+        """``[d_sae, width]`` random unit rows (float32, CPU)."""
+        directions = torch.randn(self.d_sae, width)
+        return directions / directions.norm(dim=1, keepdim=True)
 
     # ---- forward --------------------------------------------------------------------------
 
@@ -151,9 +160,39 @@ class SAE(nn.Module):
         """Reconstruction ``feature_acts @ W_dec + b_dec``."""
         return feature_acts @ self.W_dec + self.b_dec
 
+    def skip(self, x: Tensor) -> Tensor | None:
+        """The skip connection's term ``x @ W_skip.T``, or ``None`` without one."""
+        if self.W_skip is None:
+            return None
+        return torch.nn.functional.linear(x.to(self.W_skip.dtype), self.W_skip)
+
     def forward(self, x: Tensor) -> Tensor:
-        """Reconstruction of ``x``."""
-        return self.decode(self.encode(x))
+        """Reconstruction of ``x`` (an SAE) or of the target hook (a transcoder)."""
+        out = self.decode(self.encode(x))
+        skip = self.skip(x)
+        return out if skip is None else out + skip
+
+    def fit_forward(
+        self,
+        x: Tensor,
+        sparsity_coefficient: float | Tensor,
+        dead_mask: Tensor | None = None,
+        target: Tensor | None = None,
+    ) -> TrainOutput:
+        """:meth:`training_forward` with the skip connection, if any.
+
+        The dictionary reconstructs what the skip leaves, ``target - skip(x)``, so every
+        architecture's losses (MSE, AuxK, ghost grads) measure the right residual and train
+        ``W_skip`` through it, with no architecture knowing about the skip. ``x_hat`` is the
+        whole output.
+        """
+        skip = self.skip(x)
+        if skip is None:
+            return self.training_forward(x, sparsity_coefficient, dead_mask, target)
+        residual = (x if target is None else target) - skip
+        out = self.training_forward(x, sparsity_coefficient, dead_mask, residual)
+        out.x_hat = out.x_hat + skip
+        return out
 
     def training_forward(
         self,
@@ -224,20 +263,28 @@ class SAE(nn.Module):
     # ---- folding ---------------------------------------------------------------------------
 
     @torch.no_grad()
-    def fold_activation_scale(self, scale: float) -> None:
-        """Turn an SAE trained on ``x * scale`` into one for raw ``x``, exactly.
+    def fold_activation_scale(self, scale: float, target_scale: float | None = None) -> None:
+        """Turn a dictionary trained on ``x * scale`` (and, for a transcoder, on targets
+        ``y * target_scale``) into one for raw ``x`` and ``y``, exactly.
 
-        Afterwards ``new(x) == old(x * scale) / scale``. Feature activations shrink by
-        ``scale`` (they are now in raw-activation units) while decoder rows keep their norm,
-        so a unit-norm decoder stays unit-norm: every encoder bias and threshold is divided by
-        ``scale``, weights stay. The caller's scale must be finite and > 0 (the store refuses
-        activations that would give another).
+        Afterwards ``new(x) == old(x * scale) / target_scale``. Feature activations shrink by
+        ``target_scale`` (they are now in raw output units) while decoder rows keep their
+        norm, so a unit-norm decoder stays unit-norm: every encoder bias, decoder bias and
+        threshold is divided by ``target_scale``, and the encoder and skip weights, which read
+        raw inputs now, are multiplied by ``scale / target_scale`` (1 for an SAE). Scales must
+        be finite and > 0 (the store refuses activations that would give another).
         """
-        if not (math.isfinite(scale) and scale > 0):
-            raise ValueError(f"fold_activation_scale needs a finite scale > 0, got {scale!r}")
-        self.b_enc.div_(scale)
-        self.b_dec.div_(scale)
-        self._fold_scale_extras(scale)
+        target_scale = scale if target_scale is None else target_scale
+        for value in (scale, target_scale):
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"fold_activation_scale needs a finite scale > 0, got {value!r}")
+        if scale != target_scale:
+            self.W_enc.mul_(scale / target_scale)
+            if self.W_skip is not None:
+                self.W_skip.mul_(scale / target_scale)
+        self.b_enc.div_(target_scale)
+        self.b_dec.div_(target_scale)
+        self._fold_scale_extras(target_scale)
 
     def _fold_scale_extras(self, scale: float) -> None:
         """Divide architecture-specific biases/thresholds by ``scale``."""
@@ -255,12 +302,12 @@ class SAE(nn.Module):
 
     def saelens_tensors(self) -> dict[str, Tensor]:
         """Tensors to write to ``sae_weights.safetensors``, named as SAELens expects."""
-        return {
-            "W_enc": self.W_enc.detach(),
-            "W_dec": self.W_dec.detach(),
-            "b_enc": self.b_enc.detach(),
-            "b_dec": self.b_dec.detach(),
-        }
+        return {name: getattr(self, name).detach() for name in self.saelens_weight_names()}
+
+    def saelens_weight_names(self) -> tuple[str, ...]:
+        """The shared tensors every saved dictionary holds (``W_skip`` with a skip)."""
+        shared = ("W_enc", "W_dec", "b_enc", "b_dec")
+        return shared if self.W_skip is None else (*shared, "W_skip")
 
     def saelens_cfg_extras(self) -> dict[str, Any]:
         """Architecture-specific keys for SAELens's ``cfg.json``."""
@@ -269,7 +316,7 @@ class SAE(nn.Module):
     @torch.no_grad()
     def load_saelens_tensors(self, tensors: dict[str, Tensor]) -> None:
         """Inverse of :meth:`saelens_tensors`."""
-        for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        for name in self.saelens_weight_names():
             getattr(self, name).copy_(tensors[name])
 
     def save(

@@ -30,6 +30,13 @@ class SAEConfig(Serializable):
     d_in: int = 0
     """Input width; 0 means 'take it from the model's hook at run time'."""
 
+    d_out: int = 0
+    """Output width of a transcoder; 0 means d_in (an SAE reconstructs its own input)."""
+
+    skip_connection: bool = False
+    """Transcoders only: add a trained linear skip x @ W_skip.T to the output (Paulo et al.
+    2025, arXiv 2501.18823)."""
+
     d_sae: int | None = None
     """Number of features; set this or expansion_factor, not both."""
 
@@ -83,6 +90,7 @@ class SAEConfig(Serializable):
         )
         sae_cls = ARCHITECTURES[self.architecture]
         require(self.d_in >= 0, "d_in", self.d_in, "use a positive width (or 0 = from the model)")
+        require(self.d_out >= 0, "d_out", self.d_out, "use a positive width (or 0 = d_in)")
         require(
             self.d_sae is None or self.expansion_factor is None,
             "d_sae",
@@ -124,6 +132,10 @@ class SAEConfig(Serializable):
             f"ghost grads exist for architecture=relu only, not {self.architecture}",
         )
         dtypes.torch_dtype(self.dtype)  # refuses an unknown name
+
+    def resolved_d_out(self) -> int:
+        """Output width: d_out, else d_in."""
+        return self.d_out or self.d_in
 
     def resolved_d_sae(self) -> int:
         """Number of features: d_sae, else expansion_factor * d_in (8x when neither is set)."""

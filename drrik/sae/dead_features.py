@@ -54,6 +54,7 @@ def resample_dead_features(
     optimizer: torch.optim.Optimizer | None,
     dead_mask: Tensor,
     inputs: Tensor,
+    targets: Tensor | None = None,
 ) -> None:
     """Re-initialize dead features from badly reconstructed inputs; vectorized, no host sync.
 
@@ -61,7 +62,8 @@ def resample_dead_features(
     reconstruction error (uniformly if all errors are 0). For a dead feature and its drawn
     input ``x``, with ``v`` the unit vector along the encoder's input ``x - b_dec`` (or
     ``x``, without ``apply_b_dec_to_input``): the decoder row becomes
-    ``v``, the encoder column ``v * 0.2 * mean alive encoder-column norm`` and ``b_enc`` 0;
+    ``v`` (a transcoder's, given ``targets``, the unit vector along its drawn target), the
+    encoder column ``v * 0.2 * mean alive encoder-column norm`` and ``b_enc`` 0;
     architecture-specific per-feature parameters go back to their initial values. Adam's
     ``exp_avg`` / ``exp_avg_sq`` for those entries are zeroed; alive features are untouched.
 
@@ -69,11 +71,12 @@ def resample_dead_features(
     how many features are dead.
     """
     inputs = inputs.reshape(-1, sae.d_in).to(sae.W_dec.dtype)
-    errors = (sae(inputs) - inputs).pow(2).sum(dim=-1).float()
+    outputs = inputs if targets is None else targets.reshape(-1, sae.d_out).to(inputs.dtype)
+    errors = (sae(inputs) - outputs).pow(2).sum(dim=-1).float()
     weights = torch.where(errors.sum() > 0, errors, torch.ones_like(errors))
     picks = torch.multinomial(weights, sae.d_sae, replacement=True)
-    directions = sae.sae_in(inputs[picks])
-    directions = directions / directions.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    directions = _unit(sae.sae_in(inputs[picks]))
+    decoder_rows = directions if targets is None else _unit(outputs[picks])
 
     alive = ~dead_mask
     enc_norms = sae.W_enc.norm(dim=0)
@@ -82,7 +85,7 @@ def resample_dead_features(
         n_alive > 0, (enc_norms * alive).sum() / n_alive.clamp_min(1), torch.ones_like(enc_norms[0])
     )
     dead_rows = dead_mask[:, None]
-    sae.W_dec.copy_(torch.where(dead_rows, directions, sae.W_dec))
+    sae.W_dec.copy_(torch.where(dead_rows, decoder_rows, sae.W_dec))
     new_enc = directions * (RESAMPLE_ENCODER_SCALE * mean_alive)
     sae.W_enc.copy_(torch.where(dead_rows, new_enc, sae.W_enc.T).T)
     sae.b_enc.masked_fill_(dead_mask, 0.0)
@@ -90,6 +93,10 @@ def resample_dead_features(
 
     if optimizer is not None:
         _reset_optimizer_moments(sae, optimizer, dead_mask)
+
+
+def _unit(rows: Tensor) -> Tensor:
+    return rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 def _reset_optimizer_moments(sae: SAE, optimizer: torch.optim.Optimizer, mask: Tensor) -> None:

@@ -65,7 +65,8 @@ class GatedSAE(SAE):
         losses = {
             "mse_loss": self.mse(x_hat, target),
             "l1_loss": sparsity_coefficient * self.feature_total(gate_acts, norms),
-            "aux_loss": self.mse(aux_hat, target),
+            # The target detached too: a skip connection's weights are in it (fit_forward).
+            "aux_loss": self.mse(aux_hat, target.detach()),
         }
         loss = torch.stack(list(losses.values())).sum()
         return TrainOutput(loss=loss, losses=losses, feature_acts=feature_acts, x_hat=x_hat)

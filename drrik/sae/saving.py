@@ -37,21 +37,38 @@ WEIGHTS_FILENAME = "sae_weights.safetensors"
 SPARSITY_FILENAME = "sparsity.safetensors"
 SAELENS_LAYOUT_VERSION = "6.0.0"
 _FROM_SAELENS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated"}
+_TRANSCODERS = {
+    ("standard", False): "transcoder",
+    ("standard", True): "skip_transcoder",
+    ("jumprelu", False): "jumprelu_transcoder",
+    ("jumprelu", True): "jumprelu_skip_transcoder",
+}
+"""SAELens's transcoder classes by (SAE architecture, skip connection)."""
+
+
+def saelens_architecture(sae: SAE, metadata: dict[str, Any]) -> str:
+    """SAELens's name for ``sae``'s class: a transcoder's when it writes another hook
+    (``metadata`` names ``hook_name_out``) or has a skip connection."""
+    transcoder = "hook_name_out" in metadata or sae.W_skip is not None
+    key = (sae.saelens_architecture, sae.W_skip is not None)
+    return _TRANSCODERS.get(key, sae.saelens_architecture) if transcoder else key[0]
 
 
 def saelens_cfg(sae: SAE, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ``cfg.json`` content for ``sae``; ``metadata`` adds hook_name, model_name, ..."""
+    metadata = metadata or {}
     return {
-        "architecture": sae.saelens_architecture,
+        "architecture": saelens_architecture(sae, metadata),
         "d_in": sae.d_in,
         "d_sae": sae.d_sae,
+        "d_out": sae.d_out,
         "dtype": sae.cfg.dtype,
         "device": str(sae.W_dec.device),
         "apply_b_dec_to_input": sae.cfg.apply_b_dec_to_input,
         "normalize_activations": "none",
         "reshape_activations": "none",
         **sae.saelens_cfg_extras(),
-        "metadata": {"sae_lens_version": SAELENS_LAYOUT_VERSION, **(metadata or {})},
+        "metadata": {"sae_lens_version": SAELENS_LAYOUT_VERSION, **metadata},
         "drrik": {"config": sae.cfg.to_dict()},
     }
 
@@ -82,15 +99,19 @@ def save_sae(
 def _config_from_saelens(cfg_json: dict[str, Any]) -> SAEConfig:
     """A drrik config for a directory SAELens wrote (no ``drrik`` block)."""
     arch = cfg_json.get("architecture", "standard")
+    transcoders = {name: key for key, name in _TRANSCODERS.items()}
+    base, skip = transcoders.get(arch, (arch, False))
     require(
-        arch in _FROM_SAELENS,
+        base in _FROM_SAELENS,
         "architecture",
         arch,
-        f"drrik loads SAELens architectures {', '.join(_FROM_SAELENS)}",
+        f"drrik loads SAELens architectures {', '.join([*_FROM_SAELENS, *transcoders])}",
     )
     return SAEConfig(
-        architecture=_FROM_SAELENS[arch],
+        architecture=_FROM_SAELENS[base],
         d_in=int(cfg_json["d_in"]),
+        d_out=int(cfg_json.get("d_out") or 0),
+        skip_connection=skip,
         d_sae=int(cfg_json["d_sae"]),
         k=cfg_json.get("k"),
         apply_b_dec_to_input=bool(cfg_json.get("apply_b_dec_to_input", True)),
@@ -133,7 +154,7 @@ def load_sae(directory: str | Path, device: torch.device | str | None = None) ->
     require(weights.is_file(), "file", str(weights), f"missing; {SAVED_SAE_FIX}")
     with reading("file", str(weights), SAVED_SAE_FIX):
         tensors = load_file(str(weights), device=str(sae.W_dec.device))
-    for name in ("W_enc", "W_dec", "b_enc", "b_dec"):  # copy_ would broadcast a wrong shape
+    for name in sae.saelens_weight_names():  # copy_ would broadcast a wrong shape
         shape, own = tuple(tensors[name].shape) if name in tensors else None, getattr(sae, name)
         require(
             shape in (None, tuple(own.shape)),
