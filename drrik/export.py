@@ -90,15 +90,17 @@ def export_run(
 
 def topk_held_out(run: Run) -> dict[tuple[str, str], HeldOut]:
     """Held-out inputs and targets of the run's TopK transcoders (none for other runs)."""
-    pairs = [
-        (learner.spec.input_hook, learner.spec.target_hook)
+    learners = [
+        learner
         for learner in run.learners
         if is_topk_transcoder(learner.sae, learner.spec.same_hook)
     ]
     evaluator = run.evaluator
-    if not pairs or evaluator is None:
+    if not learners or evaluator is None:
         return {}
-    return collect(evaluator.model, evaluator.contexts, evaluator.exclude_ids, pairs)
+    pairs = [(learner.spec.input_hook, learner.spec.target_hook) for learner in learners]
+    width = sum(learner.sae.d_in + learner.sae.d_out for learner in learners)
+    return collect(evaluator.model, evaluator.contexts, evaluator.exclude_ids, pairs, width)
 
 
 def save_together(run: Run, metrics: dict[str, float]) -> Path:

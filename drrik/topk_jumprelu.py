@@ -10,7 +10,7 @@ held-out tokens keeps and the largest one it drops: with N held-out tokens, the 
 average* over the held-out tokens, as the TopK keeps k on every token; halfway, no held-out
 activation sits on θ, where float rounding in another tool would flip it. It is the threshold
 BatchTopK learns (the boundary of what it keeps), read off the held-out set as one batch. At
-most :data:`MAX_TOKENS` held-out tokens are used.
+most :data:`MAX_TOKENS` held-out tokens are used (fewer when :data:`MAX_VALUES` binds).
 
 The JumpReLU is not the TopK: a busy token keeps more than k features and a quiet one fewer.
 :func:`jumprelu_form` therefore also measures both on those tokens, FVU against the real target
@@ -31,6 +31,9 @@ from drrik.sae.topk import TopKSAE
 
 MAX_TOKENS = 8192
 """Held-out tokens used at most: their inputs and targets are held in memory."""
+MAX_VALUES = 2**28
+"""Float32 values held at most (1 GiB) over every transcoder's inputs and targets: a set of
+many wide layers gets fewer held-out tokens than :data:`MAX_TOKENS`."""
 CHUNK = 1024
 """Tokens encoded at once (a ``CHUNK x d_sae`` block of pre-activations)."""
 RULE = (
@@ -60,10 +63,12 @@ def collect(
     contexts: Iterable[Tensor],
     exclude_ids: Tensor,
     hooks: list[tuple[str, str]],
-    max_tokens: int = MAX_TOKENS,
+    width: int,
 ) -> dict[tuple[str, str], HeldOut]:
     """Inputs and targets of every (input hook, target hook) pair on the held-out contexts,
-    from one forward pass per batch, until ``max_tokens`` tokens are in."""
+    from one forward pass per batch, until :data:`MAX_TOKENS` tokens are in, or as many as
+    :data:`MAX_VALUES` allows for ``width`` values a token (all pairs' widths together)."""
+    max_tokens = max(1, min(MAX_TOKENS, MAX_VALUES // width))
     names = sorted({h for pair in hooks for h in pair})
     parts: dict[tuple[str, str], tuple[list[Tensor], list[Tensor]]] = {p: ([], []) for p in hooks}
     device = next(model.parameters()).device
