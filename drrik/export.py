@@ -74,8 +74,13 @@ def export_run(
         threshold = None
         pair = (learner.spec.input_hook, learner.spec.target_hook)
         if pair in held_out and is_topk_transcoder(sae, learner.spec.same_hook):
-            threshold, meta["jumprelu_form"] = jumprelu_form(sae, held_out[pair])
-            log.info(f"{learner.name or 'final'}: saved as JumpReLU {meta['jumprelu_form']}")
+            threshold, form = jumprelu_form(sae, held_out[pair])
+            meta["jumprelu_form"] = form
+            log.info(
+                f"{learner.name or 'final'}: saved for SAELens as JumpReLU, threshold "
+                f"{form['threshold']:.4g}: FVU {form['fvu_topk']:.4f} -> {form['fvu_jumprelu']:.4f}"
+                f", L0 {form['l0_topk']:.2f} -> {form['l0_jumprelu']:.2f} on held-out tokens"
+            )
         path = sae.save(final_dir(run, learner), sparsity, meta, threshold)
         prefix = f"{learner.name}/" if several else ""
         logger.log_histogram(f"{prefix}log10_feature_density", sparsity, tokens)
