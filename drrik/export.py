@@ -2,7 +2,9 @@
 
 Each dictionary is copied, its input scale folded in (so it reads raw activations), and saved
 in SAELens's layout under ``final/`` (``final/<name>/`` when the run trained several), with its
-held-out metrics and feature densities. The training curves and density plots go to
+held-out metrics and feature densities. A TopK transcoder is saved for SAELens and circuit-tracer
+as a JumpReLU, its threshold and the distance between the two forms measured on the run's
+held-out tokens (:mod:`drrik.topk_jumprelu`). The training curves and density plots go to
 ``plots/``; wandb gets the histograms, the images and, if asked, each saved directory as an
 artifact. Rank 0 only.
 """
@@ -21,6 +23,7 @@ from drrik.plots import plot_feature_density, plot_training_curves
 from drrik.run import Run
 from drrik.run_dir import atomic_write
 from drrik.sae import build_sae
+from drrik.topk_jumprelu import HeldOut, collect, is_topk_transcoder, jumprelu_form
 from drrik.wandb_logging import WandbLogger
 
 log = get_logger(__name__)
@@ -61,16 +64,24 @@ def export_run(
             run.run_dir.read_metrics(), plots / "training_curves.png"
         )
     }
+    held_out = topk_held_out(run)
     for learner in run.learners:
         sae = build_sae(learner.sae.cfg, device=learner.sae.W_dec.device)
         sae.load_state_dict(learner.sae.state_dict())
         sae.fold_activation_scale(learner.scale, learner.target_scale)
         sparsity = torch.log10(densities[learner.name] + 1e-10)
-        path = sae.save(
-            final_dir(run, learner),
-            sparsity=sparsity,
-            metadata=metadata(run, learner, metrics[learner.name]),
-        )
+        meta = metadata(run, learner, metrics[learner.name])
+        threshold = None
+        pair = (learner.spec.input_hook, learner.spec.target_hook)
+        if pair in held_out and is_topk_transcoder(sae, learner.spec.same_hook):
+            threshold, form = jumprelu_form(sae, held_out[pair])
+            meta["jumprelu_form"] = form
+            log.info(
+                f"{learner.name or 'final'}: saved for SAELens as JumpReLU, threshold "
+                f"{form['threshold']:.4g}: FVU {form['fvu_topk']:.4f} -> {form['fvu_jumprelu']:.4f}"
+                f", L0 {form['l0_topk']:.2f} -> {form['l0_jumprelu']:.2f} on held-out tokens"
+            )
+        path = sae.save(final_dir(run, learner), sparsity, meta, threshold)
         prefix = f"{learner.name}/" if several else ""
         logger.log_histogram(f"{prefix}log10_feature_density", sparsity, tokens)
         logger.log_artifact(path, f"sae-{learner.name or 'final'}".replace("=", "-"))
@@ -80,6 +91,21 @@ def export_run(
             run.cfg.eval.dense_threshold,
         )
     logger.log_images(images, tokens)
+
+
+def topk_held_out(run: Run) -> dict[tuple[str, str], HeldOut]:
+    """Held-out inputs and targets of the run's TopK transcoders (none for other runs)."""
+    learners = [
+        learner
+        for learner in run.learners
+        if is_topk_transcoder(learner.sae, learner.spec.same_hook)
+    ]
+    evaluator = run.evaluator
+    if not learners or evaluator is None:
+        return {}
+    pairs = [(learner.spec.input_hook, learner.spec.target_hook) for learner in learners]
+    width = sum(learner.sae.d_in + learner.sae.d_out for learner in learners)
+    return collect(evaluator.model, evaluator.contexts, evaluator.exclude_ids, pairs, width)
 
 
 def save_together(run: Run, metrics: dict[str, float]) -> Path:

@@ -9,6 +9,7 @@ and compared with the SAELens-layout forward (relu(pre)·(pre > θ)). No model, 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,9 @@ from torch import Tensor
 from drrik.cli import main
 from drrik.errors import ConfigError
 from drrik.export_circuit_tracer import TRANSCODER_ARCHITECTURES, export_transcoder_set
+from drrik.sae import SAEConfig, build_sae
+from drrik.sae.topk import TopKSAE
+from drrik.topk_jumprelu import HeldOut, jumprelu_form
 
 D_MODEL, D_SAE, N_LAYERS = 12, 20, 4
 MODEL = "local-model"
@@ -190,6 +194,25 @@ EDITS = {
     "scaled input": ("normalize_activations", "expected_average_only_in"),
 }
 """cfg.json edits that make a saved transcoder unexportable."""
+
+
+def test_a_topk_transcoder_exports_as_its_jumprelu_form(tmp_path: Path, x: Tensor) -> None:
+    # A transcoder as drrik trains one: b_dec belongs to the output, not subtracted from x.
+    cfg = SAEConfig("topk", D_MODEL, skip_connection=True, d_sae=D_SAE, k=3)
+    sae = build_sae(replace(cfg, apply_b_dec_to_input=False))
+    with torch.no_grad():
+        for param in sae.parameters():
+            param.add_(0.3 * torch.randn_like(param))
+    assert isinstance(sae, TopKSAE)
+    theta, report = jumprelu_form(sae.eval(), HeldOut(x, x.roll(1, dims=1)))
+    meta = {"model_name": MODEL, "hook_name": "blocks.1.mlp.hook_in"}
+    meta["hook_name_out"] = "blocks.1.hook_mlp_out"
+    sae.save(tmp_path / "tc", metadata={**meta, "jumprelu_form": report}, threshold=theta)
+    out = export_transcoder_set([tmp_path / "tc"], tmp_path / "ct", n_layers=2)
+    with torch.no_grad():
+        pre = sae.scaled_pre_acts(x)
+        expected = sae.decode(pre * (pre > theta)) + sae.skip(x)  # type: ignore[operator]
+    torch.testing.assert_close(circuit_tracer_forward(out, 1, x), expected)
 
 
 def _bad(tmp_path: Path, case: str) -> tuple[list[Path], int | None]:

@@ -25,6 +25,7 @@ from drrik.learner import Learner
 from drrik.run_dir import RunDir
 from drrik.sae import SAE, SAEConfig, build_sae, resample_dead_features
 from drrik.sae.spec import DictionarySpec
+from drrik.topk_jumprelu import HeldOut, jumprelu_form
 
 __all__ = ["one_thread"]  # the autouse fixture: one torch thread here too
 
@@ -127,6 +128,43 @@ def test_saved_transcoder_reloads(tmp_path: Path, architecture: str, skip: bool,
         torch.testing.assert_close(drrik.load_sae(tmp_path / "tc")(x), sae(x))
 
 
+def test_topk_transcoder_saves_as_jumprelu_and_reloads_as_topk(tmp_path: Path) -> None:
+    sae = transcoder("topk", normalize_decoder=False).eval()  # decoder norms get folded
+    x, y = pair(64)
+    theta, report = jumprelu_form(sae, HeldOut(x, y))  # type: ignore[arg-type]
+    # The rule: k features per token on average over the held-out tokens.
+    assert report["l0_jumprelu"] == pytest.approx(3) and report["l0_topk"] <= 3
+    with torch.no_grad():
+        pre = sae.scaled_pre_acts(x)
+        jumprelu = sae.decode(pre * (pre > theta)) + sae.skip(x)
+        variance = (y - y.mean(0)).pow(2).sum()
+        for name, out in (("topk", sae(x)), ("jumprelu", jumprelu)):
+            fvu = float((out - y).pow(2).sum() / variance)
+            assert report[f"fvu_{name}"] == pytest.approx(fvu, rel=1e-5)
+    assert report["fvu_difference"] == report["fvu_jumprelu"] - report["fvu_topk"]
+
+    meta = {"hook_name": IN, "hook_name_out": OUT, "jumprelu_form": report}
+    sae.save(tmp_path / "tc", metadata=meta, threshold=theta)
+    cfg = json.loads((tmp_path / "tc" / "cfg.json").read_text())
+    assert cfg["architecture"] == "jumprelu_skip_transcoder" and "k" not in cfg
+    assert cfg["metadata"]["jumprelu_form"]["threshold"] == pytest.approx(float(theta))
+    threshold = load_file(str(tmp_path / "tc" / "sae_weights.safetensors"))["threshold"]
+    assert threshold.shape == (10,) and bool((threshold == theta).all())
+    with torch.no_grad():
+        torch.testing.assert_close(drrik.load_sae(tmp_path / "tc")(x), sae(x))  # drrik: TopK
+        del cfg["drrik"]  # what SAELens and circuit-tracer read: the JumpReLU
+        (tmp_path / "tc" / "cfg.json").write_text(json.dumps(cfg))
+        loaded = drrik.load_sae(tmp_path / "tc")
+        assert loaded.cfg.architecture == "jumprelu"
+        torch.testing.assert_close(loaded(x), jumprelu)
+
+
+def test_a_plain_topk_sae_keeps_the_topk_layout(tmp_path: Path) -> None:
+    make("topk").save(tmp_path / "sae", metadata={"hook_name": IN})
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    assert (cfg["architecture"], cfg["k"]) == ("topk", 3)
+
+
 # ---- training on the tiny model ------------------------------------------------------------
 
 
@@ -153,8 +191,16 @@ def test_transcoder_trains_saves_and_evaluates(
     assert rows[-1]["explained_variance"] > rows[0]["explained_variance"] + 0.1  # FVU falls
 
     saved = Path(cfg.out) / "final"
-    meta = json.loads((saved / "cfg.json").read_text())["metadata"]
+    cfg_json = json.loads((saved / "cfg.json").read_text())
+    meta = cfg_json["metadata"]
     assert (meta["hook_name"], meta["hook_name_out"]) == (IN, OUT)
+    if architecture == "topk":  # saved for SAELens as a JumpReLU, measured on held-out tokens
+        assert cfg_json["architecture"] == "jumprelu_skip_transcoder"
+        form = meta["jumprelu_form"]
+        assert form["threshold"] > 0 and form["held_out_tokens"] == final_tokens(metrics)
+        assert form["fvu_topk"] == pytest.approx(metrics[run.learners[0].name]["fvu"], rel=1e-4)
+    else:
+        assert "jumprelu_form" not in meta
     tokens = torch.randint(1, 1000, (2, 16))
     _, cache = tiny_model.run_with_cache(tokens, names_filter=[IN, OUT])
     x = cache[IN].reshape(-1, cache[IN].shape[-1])
@@ -172,6 +218,11 @@ def test_transcoder_trains_saves_and_evaluates(
     assert run.evaluator is not None
     at_out, _ = run.evaluator([EvalTarget("out", OUT, build_sae(SAEConfig(d_in=64, d_sae=8)))])
     assert final["ce_loss_zero_ablated"] == pytest.approx(at_out["out"]["ce_loss_zero_ablated"])
+
+
+def final_tokens(metrics: dict[str, dict[str, float]]) -> int:
+    """The tokens the held-out evaluation read (the one dictionary's)."""
+    return int(next(iter(metrics.values()))["eval_tokens"])
 
 
 def test_every_layer_from_one_stream(

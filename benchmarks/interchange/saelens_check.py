@@ -6,7 +6,9 @@ that write_dictionaries.py wrote with ``sae_lens.SAE.load_from_disk`` and compar
 - Transcoders (``OUT/transcoders/*``): loaded and run on ``x`` from
   ``OUT/io/<name>.safetensors`` (the model's MLP inputs) or, if none, random inputs; their
   outputs (``forward``, skip term included) go to ``OUT/io/saelens-<name>.safetensors`` for
-  the circuit-tracer check, and are compared with drrik's where drrik wrote any.
+  the circuit-tracer check, and are compared with drrik's where drrik wrote any: for a TopK
+  transcoder saved as JumpReLU, with drrik's JumpReLU form (``jumprelu_out``), and its FVU
+  against the real target ``y`` with that of drrik's TopK (``topk_out``).
 
 Prints one JSON object: per directory, the class SAELens built and the largest differences.
 
@@ -54,8 +56,19 @@ def check(directory: Path, io_dir: Path) -> dict[str, object]:
         result["recon"] = max_diff(recon, io["recon"])
     else:
         save_file({"x": x, "out": out}, str(io_dir / f"saelens-{directory.name}.safetensors"))
-        result["note"] = "no drrik reference; SAELens's outputs saved for circuit-tracer"
+        result["note"] = "SAELens's outputs saved for circuit-tracer"
+    if "jumprelu_out" in io:
+        result["out_vs_drrik_jumprelu"] = max_diff(out, io["jumprelu_out"])
+    if "y" in io:
+        result["fvu"] = fvu(out, io["y"])
+    if "topk_out" in io:
+        result["fvu_drrik_topk"] = fvu(io["topk_out"], io["y"])
     return result
+
+
+def fvu(out: torch.Tensor, y: torch.Tensor) -> float:
+    """Fraction of the target's variance that ``out`` leaves unexplained."""
+    return ((out - y).pow(2).sum() / (y - y.mean(0)).pow(2).sum()).item()
 
 
 def main() -> None:

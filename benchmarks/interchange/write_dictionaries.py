@@ -10,8 +10,10 @@ Writes, under OUT:
 - ``transcoders/<name>/``: the transcoders to export, in the layout drrik saves them:
   ``--transcoders`` (saved directories, e.g. a run's ``final/*``) or, by default, random
   JumpReLU skip transcoders on ``--layers`` of the model (MLP input to MLP output), with
-  the model's MLP inputs in ``io/<name>.safetensors`` (``x``, no drrik outputs: drrik has no
-  transcoder class yet).
+  the model's MLP inputs in ``io/<name>.safetensors`` (``x``). For saved TopK transcoders
+  (saved as JumpReLU, ``metadata.jumprelu_form``) it also holds the real targets ``y`` and
+  drrik's outputs: ``topk_out`` (the TopK drrik reloads) and ``jumprelu_out`` (its JumpReLU
+  form, what SAELens and circuit-tracer should compute).
 - ``circuit-tracer/``: those transcoders exported by
   :func:`drrik.export_circuit_tracer.export_transcoder_set`.
 
@@ -31,7 +33,15 @@ from torch import Tensor
 
 from drrik.export_circuit_tracer import export_transcoder_set
 from drrik.model import embedded_gguf_path, gguf_to_hf_dir, load_model, run_hooks
-from drrik.sae import ARCHITECTURES, KNOWN_ARCHITECTURES, SAE, SAEConfig, build_sae, save_sae
+from drrik.sae import (
+    ARCHITECTURES,
+    KNOWN_ARCHITECTURES,
+    SAE,
+    SAEConfig,
+    build_sae,
+    load_sae,
+    save_sae,
+)
 
 D_SAE, K, TOKENS = 1024, 32, 512
 
@@ -66,16 +76,40 @@ def write_saes(out: Path, d_in: int, metadata: dict[str, object]) -> list[str]:
     return names
 
 
-def mlp_inputs(model_dir: Path, layers: list[int]) -> dict[int, Tensor]:
-    """The model's MLP inputs at ``layers`` on Python's bundled docs, [tokens, d_model]."""
+def hook_acts(model_dir: Path, hooks: list[str]) -> dict[str, Tensor]:
+    """The model's activations at ``hooks`` on Python's bundled docs, [tokens, d_model]
+    (text no run trains or evaluates on)."""
     from pydoc_data.topics import topics
 
     model = load_model(str(model_dir), device="cpu")
     text = " ".join(" ".join(t.split()) for t in list(topics.values())[:40])
     ids = model.tokenizer(text, return_tensors="pt")["input_ids"][0, : 8 * 64].view(8, 64)
-    hooks = {layer: f"blocks.{layer}.mlp.hook_in" for layer in layers}
-    acts = run_hooks(model, ids, list(hooks.values()))
-    return {layer: acts[hook].reshape(-1, acts[hook].shape[-1]) for layer, hook in hooks.items()}
+    acts = run_hooks(model, ids, hooks)
+    return {hook: acts[hook].reshape(-1, acts[hook].shape[-1]).float() for hook in hooks}
+
+
+def mlp_inputs(model_dir: Path, layers: list[int]) -> dict[int, Tensor]:
+    """The model's MLP inputs at ``layers``, [tokens, d_model]."""
+    acts = hook_acts(model_dir, [f"blocks.{layer}.mlp.hook_in" for layer in layers])
+    return {layer: acts[f"blocks.{layer}.mlp.hook_in"] for layer in layers}
+
+
+def saved_transcoder_io(path: Path, model_dir: Path) -> None:
+    """For a saved transcoder: the model's real inputs and targets, and, for a TopK saved as
+    JumpReLU, drrik's outputs of both forms, in ``io/<name>.safetensors``."""
+    meta = json.loads((path / "cfg.json").read_text())["metadata"]
+    acts = hook_acts(model_dir, [meta["hook_name"], meta["hook_name_out"]])
+    x, y = acts[meta["hook_name"]], acts[meta["hook_name_out"]]
+    io = {"x": x, "y": y}
+    form = meta.get("jumprelu_form")
+    if form is not None:
+        sae = load_sae(path)  # the drrik block: the TopK
+        with torch.no_grad():
+            pre = sae.scaled_pre_acts(x)  # type: ignore[operator]
+            skip = sae.skip(x)
+            out = sae.decode(pre * (pre > form["threshold"]))
+            io |= {"topk_out": sae(x), "jumprelu_out": out if skip is None else out + skip}
+    save_file(io, str(path.parent.parent / "io" / f"{path.name}.safetensors"))
 
 
 def random_transcoder(path: Path, layer: int, x: Tensor, model_dir: Path) -> None:
@@ -117,6 +151,7 @@ def main() -> None:
     if args.transcoders:
         for source in args.transcoders:
             shutil.copytree(source, transcoders / source.name)
+            saved_transcoder_io(transcoders / source.name, model_dir)
     else:
         for layer, x in mlp_inputs(model_dir, args.layers).items():
             random_transcoder(transcoders / f"layer{layer}", layer, x, model_dir)

@@ -324,9 +324,11 @@ class SAE(nn.Module):
         directory: str | Path,
         sparsity: Tensor | None = None,
         metadata: dict[str, Any] | None = None,
+        threshold: Tensor | None = None,
     ) -> Path:
-        """Write the SAE atomically in SAELens's directory layout; see :mod:`drrik.sae.saving`."""
-        return saving.save_sae(self, directory, sparsity=sparsity, metadata=metadata)
+        """Write the SAE atomically in SAELens's directory layout; see :mod:`drrik.sae.saving`
+        (``threshold`` saves a TopK transcoder for SAELens as a JumpReLU one)."""
+        return saving.save_sae(self, directory, sparsity, metadata, threshold)
 
     @classmethod
     def load(cls, directory: str | Path, device: torch.device | str | None = None) -> SAE:

@@ -7,6 +7,10 @@ A saved SAE is a directory:
   ``normalize_activations``, ``reshape_activations``, ``metadata``, plus ``k`` for topk),
   and a ``drrik`` block with the full :class:`SAEConfig` so drrik reloads the exact class.
 - ``sae_weights.safetensors``: the architecture's tensors under SAELens's names.
+- A TopK transcoder is written for SAELens as a JumpReLU transcoder (SAELens has no TopK
+  transcoder class): ``save_sae(..., threshold=θ)`` names the JumpReLU architecture in
+  ``cfg.json`` and adds the ``threshold`` tensor, while the ``drrik`` block keeps the TopK
+  config, so drrik reloads the TopK exactly (it reads only the TopK's tensors).
 - ``sparsity.safetensors`` (optional): key ``sparsity``, log10 feature density.
 
 ``metadata.sae_lens_version`` is "6.0.0": it names the *layout* this directory follows, which
@@ -46,19 +50,23 @@ _TRANSCODERS = {
 """SAELens's transcoder classes by (SAE architecture, skip connection)."""
 
 
-def saelens_architecture(sae: SAE, metadata: dict[str, Any]) -> str:
+def saelens_architecture(sae: SAE, metadata: dict[str, Any], jumprelu: bool = False) -> str:
     """SAELens's name for ``sae``'s class: a transcoder's when it writes another hook
-    (``metadata`` names ``hook_name_out``) or has a skip connection."""
+    (``metadata`` names ``hook_name_out``) or has a skip connection; ``jumprelu`` names the
+    JumpReLU form it is saved in with a threshold."""
     transcoder = "hook_name_out" in metadata or sae.W_skip is not None
-    key = (sae.saelens_architecture, sae.W_skip is not None)
+    key = ("jumprelu" if jumprelu else sae.saelens_architecture, sae.W_skip is not None)
     return _TRANSCODERS.get(key, sae.saelens_architecture) if transcoder else key[0]
 
 
-def saelens_cfg(sae: SAE, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The ``cfg.json`` content for ``sae``; ``metadata`` adds hook_name, model_name, ..."""
+def saelens_cfg(
+    sae: SAE, metadata: dict[str, Any] | None = None, jumprelu: bool = False
+) -> dict[str, Any]:
+    """The ``cfg.json`` content for ``sae``; ``metadata`` adds hook_name, model_name, ...;
+    ``jumprelu`` describes the JumpReLU form (without the TopK's ``k``)."""
     metadata = metadata or {}
     return {
-        "architecture": saelens_architecture(sae, metadata),
+        "architecture": saelens_architecture(sae, metadata, jumprelu),
         "d_in": sae.d_in,
         "d_sae": sae.d_sae,
         "d_out": sae.d_out,
@@ -67,7 +75,7 @@ def saelens_cfg(sae: SAE, metadata: dict[str, Any] | None = None) -> dict[str, A
         "apply_b_dec_to_input": sae.cfg.apply_b_dec_to_input,
         "normalize_activations": "none",
         "reshape_activations": "none",
-        **sae.saelens_cfg_extras(),
+        **({} if jumprelu else sae.saelens_cfg_extras()),
         "metadata": {"sae_lens_version": SAELENS_LAYOUT_VERSION, **metadata},
         "drrik": {"config": sae.cfg.to_dict()},
     }
@@ -82,15 +90,20 @@ def save_sae(
     directory: str | Path,
     sparsity: Tensor | None = None,
     metadata: dict[str, Any] | None = None,
+    threshold: Tensor | None = None,
 ) -> Path:
     """Write ``sae`` to ``directory`` so that a crash never leaves a half-written SAE there:
     with :func:`drrik.run_dir.atomic_write`, an existing SAE stays intact until the new one is
-    complete and on disk."""
+    complete and on disk. ``threshold`` (``[d_sae]``) saves it for SAELens as a JumpReLU."""
     target = Path(directory).resolve()
+    tensors = sae.saelens_tensors()
+    if threshold is not None:
+        tensors["threshold"] = threshold.to(tensors["b_enc"]).expand(sae.d_sae)
+    cfg_json = saelens_cfg(sae, metadata, jumprelu=threshold is not None)
     with atomic_write(target) as tmp:
         tmp.mkdir()
-        (tmp / CFG_FILENAME).write_text(json.dumps(saelens_cfg(sae, metadata), indent=2))
-        _write_tensors(tmp / WEIGHTS_FILENAME, sae.saelens_tensors())
+        (tmp / CFG_FILENAME).write_text(json.dumps(cfg_json, indent=2))
+        _write_tensors(tmp / WEIGHTS_FILENAME, tensors)
         if sparsity is not None:
             _write_tensors(tmp / SPARSITY_FILENAME, {"sparsity": sparsity})
     return target
