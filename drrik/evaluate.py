@@ -276,9 +276,13 @@ def evaluate(
             sae_device = next(target.sae.parameters()).device
             inputs, acts = cache[target.hook], cache[target.target_hook]
             kept = keep.to(acts.device)
-            feats, x_hat = target.reconstruct(inputs[keep.to(inputs.device)].to(sae_device))
+            x = inputs[keep.to(inputs.device)].to(sae_device)
+            feats, x_hat = target.reconstruct(x)
             s = sums[target.name]
-            s.add(acts[kept].to(sae_device), feats, x_hat)
+            # An SAE's target is its input: gather the kept positions once.
+            s.add(
+                x if target.target_hook == target.hook else acts[kept].to(sae_device), feats, x_hat
+            )
             spliced = _put(acts, kept, x_hat)
             del feats, x_hat
             with_sae = model.run_with_hooks(
