@@ -27,6 +27,7 @@ from drrik.rng import seed_everything
 from drrik.run import Run, restore
 from drrik.run_dir import RunDir, default_run_name
 from drrik.run_lock import RunLock
+from drrik.sae.config import DEFAULT_L1_COEFFICIENT
 from drrik.store import ActivationsStore
 
 log = get_logger(__name__)
@@ -146,11 +147,25 @@ def _build(
         verbose=verbose and dist.is_main,
     )
     d_in = stores[0].d_in
-    for i, spec in enumerate(specs):
+    sized = [
+        replace(
+            spec,
+            sae=replace(spec.sae, d_in=d_in[spec.input_hook], d_out=d_in[spec.target_hook]),
+        )
+        for spec in specs
+    ]
+    for spec in sized:  # every width-dependent check (k, target_l0) before any SAE is built
+        spec.sae.check_buildable()
+    for i, spec in enumerate(sized):
         torch.manual_seed(cfg.trainer.seed + i)
-        widths = {"d_in": d_in[spec.input_hook], "d_out": d_in[spec.target_hook]}
-        sized = replace(spec, sae=replace(spec.sae, **widths))
-        run.learners.append(Learner.build(sized, cfg.trainer, run.total_steps, device))
+        learner = Learner.build(spec, cfg.trainer, run.total_steps, device)
+        run.learners.append(learner)
+        start = spec.sae.l1_coefficient
+        if run.verbose and learner.controller is not None and start != DEFAULT_L1_COEFFICIENT:
+            log.info(
+                f"{spec.name}: target_l0={spec.sae.target_l0} adapts the sparsity coefficient, "
+                f"starting from l1_coefficient={start}"
+            )
     if restore(run):
         if run.verbose:
             log.info(

@@ -21,6 +21,7 @@ from drrik.distributed import Distributed
 from drrik.errors import require
 from drrik.evaluate import EvalTarget
 from drrik.geometric_median import geometric_median
+from drrik.l0_control import L0Controller
 from drrik.sae import SAE, DeadFeatureTracker, build_sae, resample_dead_features
 from drrik.sae.spec import DictionarySpec
 from drrik.schedules import build_lr_scheduler
@@ -60,6 +61,8 @@ class Learner:
     """The target hook's own scale (a transcoder's); equal to ``scale`` for an SAE."""
     forward: Any = None
     """``sae.fit_forward``, compiled with ``--compile-sae``."""
+    controller: L0Controller | None = None
+    """Steers the sparsity coefficient to ``target_l0`` (penalty-based architectures)."""
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
     nonfinite_step: torch.Tensor | None = None
     """First step with a NaN/Inf loss, -1 if none (on device)."""
@@ -77,6 +80,8 @@ class Learner:
         optimizer = torch.optim.Adam(
             sae.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2)
         )
+        target_l0 = spec.sae.target_l0
+        controlled = target_l0 is not None and not sae.needs_k  # topk's k is the target
         return cls(
             spec,
             sae,
@@ -85,6 +90,9 @@ class Learner:
             DeadFeatureTracker(sae.d_sae, device=device),
             cfg,
             forward=torch.compile(sae.fit_forward) if cfg.compile_sae else None,
+            controller=(
+                L0Controller(target_l0, spec.sae.l1_coefficient, device) if controlled else None
+            ),
         )
 
     def __post_init__(self) -> None:
@@ -143,7 +151,13 @@ class Learner:
         dist: Distributed,
     ) -> None:
         """One optimizer step on this rank's batch; ``sparsity_warm_up`` scales the sparsity
-        coefficient (0 to 1 during the L1 warm-up), ``batch_size`` counts every rank."""
+        coefficient (0 to 1 during the L1 warm-up), ``batch_size`` counts every rank.
+
+        With a controller, the coefficient is its live value, and the batch's L0 (averaged
+        over ranks, so every rank holds the same coefficient) moves it once the warm-up is
+        over: during the warm-up the L0 is high because the penalty is scaled down, and
+        reacting to that would wind the coefficient up.
+        """
         x = self._inputs(acts)
         window = self.cfg.dead_feature_window
         dead = self.tracker.dead_mask(window) if self.idle_bound >= window else None
@@ -154,8 +168,11 @@ class Learner:
             else contextlib.nullcontext()
         )
         target = self._targets(acts)
+        coefficient = (
+            self.sae.cfg.l1_coefficient if self.controller is None else self.controller.coefficient
+        )
         with autocast:
-            out = self.forward(x, sparsity_warm_up * self.sae.cfg.l1_coefficient, dead, target)
+            out = self.forward(x, sparsity_warm_up * coefficient, dead, target)
         out.loss.backward()
         params = list(self.sae.parameters())
         dist.average_gradients(params)
@@ -173,6 +190,9 @@ class Learner:
                 for buffer in self.sae.buffers():  # e.g. BatchTopK's learned threshold
                     if buffer.is_floating_point():
                         dist.average_(buffer)
+            l0 = out.l0()
+            if self.controller is not None and sparsity_warm_up >= 1:
+                self.controller.update(dist.average_(l0.clone()))
         self.tracker.record(fired, batch_size)
         self.idle_bound += batch_size
         finite = torch.isfinite(out.loss)
@@ -187,7 +207,7 @@ class Learner:
             {
                 "loss": out.loss,
                 **out.losses,
-                "l0": out.l0(),
+                "l0": l0,
                 "explained_variance": batch_explained_variance(
                     x if target is None else target, out.x_hat
                 ),
@@ -222,6 +242,10 @@ class Learner:
         """(metric names, their sums, [first bad step, dead count, max idle]) on device, for
         the trainer to fetch every learner's in one transfer."""
         names = sorted(self.sums)
+        values = [self.sums[k] for k in names]
+        if self.controller is not None:  # the live value, fetched with the sums
+            names.append("sparsity_coefficient")
+            values.append(self.controller.coefficient)
         window = self.cfg.dead_feature_window
         assert self.nonfinite_step is not None, "pending() before the first step"
         flags = torch.stack(
@@ -231,7 +255,7 @@ class Learner:
                 self.tracker.tokens_since_fired.max().float(),
             ]
         )
-        return names, torch.stack([self.sums[k] for k in names]), flags
+        return names, torch.stack(values), flags
 
     def row(
         self, names: list[str], sums: list[float], flags: list[float], sparsity_warm_up: float
@@ -247,11 +271,12 @@ class Learner:
             )
         values = dict(zip(names, sums, strict=True))
         steps = values.pop("steps")
+        coefficient = values.pop("sparsity_coefficient", self.sae.cfg.l1_coefficient)
         self.sums = {}
         return {
             "sae": self.name,
             "lr": self.scheduler.get_last_lr()[0],
-            "sparsity_coefficient": sparsity_warm_up * self.sae.cfg.l1_coefficient,
+            "sparsity_coefficient": sparsity_warm_up * coefficient,
             "dead_features": int(dead),
             **{k: v / steps for k, v in values.items()},
         }
@@ -276,6 +301,7 @@ class Learner:
             "tracker": self.tracker.state_dict(),
             "scale": self.scale,
             "target_scale": self.target_scale,
+            **({} if self.controller is None else {"controller": self.controller.state_dict()}),
         }
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
@@ -292,3 +318,5 @@ class Learner:
         self.idle_bound = at_least(float(self.tracker.tokens_since_fired.max()))
         self.scale = saved["scale"]
         self.target_scale = saved.get("target_scale", self.scale)  # SAE checkpoints lack it
+        if self.controller is not None:
+            self.controller.load_state_dict(saved["controller"])

@@ -92,7 +92,7 @@ def threshold(sae: TopKSAE, x: Tensor) -> Tensor:
     (k·N)-th and (k·N+1)-th largest ReLU'd pre-activations, found exactly by merging each
     chunk's largest into a running top."""
     device = sae.W_dec.device
-    n_keep = sae.cfg.k * x.shape[0]
+    n_keep = sae.k * x.shape[0]
     top = torch.empty(0, device=device)
     for chunk in x.split(CHUNK):
         pre = sae.scaled_pre_acts(chunk.to(device)).float().relu().flatten()

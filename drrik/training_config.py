@@ -17,7 +17,7 @@ from drrik.errors import require
 from drrik.options import check_choices, split_legacy
 from drrik.settings import EnvironmentSettings, get_settings
 
-SWEEPABLE = ("k", "l1_coefficient", "expansion_factor", "d_sae", "architecture")
+SWEEPABLE = ("k", "target_l0", "l1_coefficient", "expansion_factor", "d_sae", "architecture")
 
 
 def slot_name(hook: str, setting: dict[str, str], several_hooks: bool) -> str:

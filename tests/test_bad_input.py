@@ -164,6 +164,16 @@ CASES: dict[str, Bad] = {
     ),
     "train-model-gguf-missing": train("--model", "{tmp}/m.gguf", named="m.gguf"),
     "train-sweep-word-for-k": train("--sweep", "k=8,abc", named="k=abc"),
+    "train-target-l0-zero": train(
+        "--architecture", "relu", "--target-l0", "0", named="target_l0=0"
+    ),
+    "train-target-l0-with-k": train("--target-l0", "16", named="target_l0=16"),  # and --k 8
+    "train-target-l0-above-d_sae": train(
+        "--architecture", "relu", "--target-l0", "40", "--sweep", "d_sae=32", named="target_l0=40"
+    ),
+    "train-target-l0-above-the-hook-width": train(
+        "--architecture", "relu", "--target-l0", "65", named="d_in (64)"
+    ),
     "train-out-is-a-file": train("--out", "{tmp}/a-file", named="a-file", files={"a-file": "x"}),
     "train-dataset-only-blank-lines": dataset("train", "blank.txt", {"blank.txt": "\n\n \n"}),
     "train-flag-not-a-number": train("--lr", "abc", named="abc"),

@@ -41,7 +41,7 @@ class BatchTopKSAE(TopKSAE):
     def batch_topk(self, pre: Tensor) -> tuple[Tensor, Tensor]:
         """Keep the ``k * tokens`` largest ReLU'd activations of the batch; also return them."""
         flat = pre.relu().flatten()
-        n_keep = self.cfg.k * (flat.numel() // self.d_sae)
+        n_keep = self.k * (flat.numel() // self.d_sae)
         values, indices = flat.topk(n_keep)
         return torch.zeros_like(flat).scatter(0, indices, values).view_as(pre), values
 

@@ -18,6 +18,7 @@ from drrik.errors import require
 from drrik.sae.registry import ARCHITECTURES
 
 DEFAULT_EXPANSION_FACTOR = 8
+DEFAULT_L1_COEFFICIENT = 5.0
 
 
 @dataclass
@@ -46,8 +47,14 @@ class SAEConfig(Serializable):
     k: int | None = None
     """Active features per token for topk; average active features per token for batchtopk."""
 
-    l1_coefficient: float = 5.0
-    """Sparsity coefficient: L1 weight for relu/gated, L0 weight for jumprelu; unused by topk."""
+    target_l0: int | None = None
+    """Active features per token to train to. topk/batchtopk: k = target_l0 (leave k unset).
+    relu/gated/jumprelu: a controller adapts the sparsity coefficient during training until
+    the measured L0 matches, starting from l1_coefficient."""
+
+    l1_coefficient: float = DEFAULT_L1_COEFFICIENT
+    """Sparsity coefficient: L1 weight for relu/gated, L0 weight for jumprelu; unused by topk.
+    With target_l0, the controller's starting value."""
 
     scale_sparsity_by_decoder_norm: bool = True
     """Weight each feature's L1 by its decoder-row norm (Anthropic, April 2024)."""
@@ -106,12 +113,32 @@ class SAEConfig(Serializable):
         )
         if sae_cls.needs_k:
             require(
-                self.k is not None,
+                self.k is not None or self.target_l0 is not None,
                 "k",
                 self.k,
-                f"{self.architecture} needs k (active features per token), e.g. --k 32",
+                f"{self.architecture} needs k (active features per token), e.g. --k 32 "
+                "(or --target-l0 32)",
+            )
+            require(
+                self.k is None or self.target_l0 is None,
+                "target_l0",
+                self.target_l0,
+                f"it sets {self.architecture}'s k, and k={self.k} is set too; drop one of them",
             )
         require(self.k is None or self.k > 0, "k", self.k, "use a positive int")
+        require(
+            self.target_l0 is None or self.target_l0 > 0,
+            "target_l0",
+            self.target_l0,
+            "use a positive number of active features per token",
+        )
+        self.check_target_l0()
+        require(
+            self.target_l0 is None or sae_cls.needs_k or self.l1_coefficient > 0,
+            "l1_coefficient",
+            self.l1_coefficient,
+            "with target_l0 it is the controller's starting coefficient; use a value > 0",
+        )
         require(self.aux_k is None or self.aux_k > 0, "aux_k", self.aux_k, "use a positive int")
         for name in ("l1_coefficient", "aux_k_coefficient"):
             value = getattr(self, name)
@@ -144,6 +171,10 @@ class SAEConfig(Serializable):
         require(self.d_in > 0, "d_in", self.d_in, "set d_in (or d_sae) before sizing the SAE")
         return (self.expansion_factor or DEFAULT_EXPANSION_FACTOR) * self.d_in
 
+    def resolved_k(self) -> int | None:
+        """Features a topk/batchtopk keeps per token: k, else target_l0."""
+        return self.k if self.k is not None else self.target_l0
+
     def resolved_normalize_decoder(self) -> bool:
         """Whether decoder rows are held at unit norm.
 
@@ -175,3 +206,26 @@ class SAEConfig(Serializable):
             self.k,
             f"use k <= d_sae ({d_sae})",
         )
+        self.check_target_l0()
+
+    def check_target_l0(self) -> None:
+        """target_l0 fits the widths known so far: at most d_sae features can fire, and an L0
+        above d_in is no longer a sparse code of the input. Run at construction when a width
+        is given, and again when the SAE is built, after the trainer fills d_in."""
+        if self.target_l0 is None:
+            return
+        if self.d_in > 0:
+            require(
+                self.target_l0 <= self.d_in,
+                "target_l0",
+                self.target_l0,
+                f"use target_l0 <= d_in ({self.d_in})",
+            )
+        if self.d_in > 0 or self.d_sae is not None:
+            d_sae = self.resolved_d_sae()
+            require(
+                self.target_l0 <= d_sae,
+                "target_l0",
+                self.target_l0,
+                f"use target_l0 <= d_sae ({d_sae})",
+            )

@@ -121,6 +121,13 @@ class TopKSAE(SAE):
         return True
 
     @property
+    def k(self) -> int:
+        """Features kept per token: k, else target_l0 (the config requires one of them)."""
+        k = self.cfg.resolved_k()
+        assert k is not None, "SAEConfig refuses a topk without k or target_l0"
+        return k
+
+    @property
     def rescale_by_decoder_norm(self) -> bool:
         """Whether activations are measured as if decoder rows had unit norm."""
         return not self.normalize_decoder
@@ -132,7 +139,7 @@ class TopKSAE(SAE):
 
     def activation(self, pre: Tensor) -> Tensor:
         """Keep each row's k largest values (after ReLU), zero the rest."""
-        values, indices = pre.topk(self.cfg.k, dim=-1)
+        values, indices = pre.topk(self.k, dim=-1)
         return torch.zeros_like(pre).scatter(-1, indices, values.relu())
 
     def encode(self, x: Tensor) -> Tensor:
@@ -201,7 +208,7 @@ class TopKSAE(SAE):
             return False
         if self.sparse_training is not None:
             return self.sparse_training
-        return x.device.type == "cpu" and self.cfg.k <= self.d_sae * SPARSE_MAX_DENSITY
+        return x.device.type == "cpu" and self.k <= self.d_sae * SPARSE_MAX_DENSITY
 
     def _sparse_decode(self, idx: Tensor, values: Tensor, norms: Tensor | None) -> Tensor:
         """``sum_i values[:, i] * W_dec[idx[:, i]]`` (divided by row norms when rescaling)."""
@@ -215,7 +222,7 @@ class TopKSAE(SAE):
         self, x: Tensor, dead_mask: Tensor | None, target: Tensor
     ) -> TrainOutput:
         """Same losses and gradients as the dense path, touching only selected features."""
-        k = self.cfg.k
+        k = self.k
         sae_in = self.sae_in(x)
         norms = self.decoder_norms() if self.rescale_by_decoder_norm else None
         with torch.no_grad():
@@ -268,7 +275,7 @@ class TopKSAE(SAE):
         return tensors
 
     def saelens_cfg_extras(self) -> dict[str, Any]:
-        return {"k": self.cfg.k, "rescale_acts_by_decoder_norm": False}
+        return {"k": self.k, "rescale_acts_by_decoder_norm": False}
 
 
 @torch.compiler.disable
