@@ -9,6 +9,8 @@ held-out L0 within 10% of the target.
 
     python benchmarks/target_l0.py                       # writes results/target_l0-cpu.{json,md}
     python benchmarks/target_l0.py --architectures relu topk --training-tokens 1000000
+    python benchmarks/target_l0.py --architectures relu --train-batch-size-tokens 1024 \
+        --stem target_l0-cpu-relu-batch1024       # 4x the steps on the same tokens
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from machine import machine_info, write_results  # noqa: E402
 
 import drrik  # noqa: E402
-from drrik.config import RunConfig, TrainerConfig  # noqa: E402
+from drrik.config import RunConfig, StoreConfig, TrainerConfig  # noqa: E402
 from drrik.run_dir import RunDir  # noqa: E402
 from drrik.sae import KNOWN_ARCHITECTURES, SAEConfig  # noqa: E402
 
@@ -33,11 +35,12 @@ TOLERANCE = 0.10
 
 
 def run_grid(
-    architectures: list[str], targets: list[int], tokens: int, out: Path
+    architectures: list[str], targets: list[int], tokens: int, batch: int, out: Path
 ) -> list[dict[str, Any]]:
     """Train every architecture at every target from one stream (a sweep grid, so the model's
     forward pass is shared); one result row per dictionary."""
     cfg = RunConfig(
+        store=StoreConfig(train_batch_size_tokens=batch),
         sae=SAEConfig(architecture=architectures[0], target_l0=targets[0]),
         trainer=TrainerConfig(
             training_tokens=tokens,
@@ -80,7 +83,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"## target_l0: smollm2-135m, {s['hook']}, cpu",
         "",
-        f"{s['training_tokens']:,} training tokens ({s['steps']} steps of 4,096), one run "
+        f"{s['training_tokens']:,} training tokens ({s['steps']} steps of "
+        f"{s['train_batch_size_tokens']:,}), one run "
         "sweeping architecture x target_l0; held-out L0 from the closing evaluation. "
         f"Run time {s['run_seconds']:.0f} s.",
         "",
@@ -114,17 +118,23 @@ def main() -> None:
     )
     p.add_argument("--targets", nargs="+", type=int, default=[16, 32, 64])
     p.add_argument("--training-tokens", type=int, default=300_000)
+    p.add_argument("--train-batch-size-tokens", type=int, default=4096)
     p.add_argument("--stem", default="target_l0-cpu")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         results = run_grid(
-            args.architectures, args.targets, args.training_tokens, Path(tmp) / "run"
+            args.architectures,
+            args.targets,
+            args.training_tokens,
+            args.train_batch_size_tokens,
+            Path(tmp) / "run",
         )
     defaults = RunConfig()
     result = {
         "settings": {
             "hook": defaults.model.hook[0],
             "training_tokens": args.training_tokens,
+            "train_batch_size_tokens": args.train_batch_size_tokens,
             "steps": results[0]["steps"],
             "run_seconds": results[0]["run_seconds"],
             "targets": args.targets,
