@@ -179,6 +179,28 @@ def test_the_controller_stays_on_device_and_agrees_across_ranks(
     assert float(learner.controller.coefficient) > cfg.l1_coefficient, "L0 is above 2"
 
 
+def test_a_given_l1_coefficient_is_the_controllers_start_and_says_so(
+    tiny_model: Any,
+    tiny_model_dir: Path,
+    docs: Dataset,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    cfg = target_config(tmp_path / "run", tiny_model_dir, sweep=["architecture=relu,topk"])
+    cfg = replace(cfg, sae=replace(cfg.sae, l1_coefficient=0.5))
+    with caplog.at_level("INFO", logger="drrik"):
+        run = assemble(cfg, model=tiny_model, dataset=docs)
+    run.close()
+    lines = [r.message for r in caplog.records if "starting from l1_coefficient" in r.message]
+    assert lines == [
+        "architecture=relu: target_l0=8 adapts the sparsity coefficient, starting from "
+        "l1_coefficient=0.5"
+    ]
+    relu = run.learners[0].controller
+    assert relu is not None and float(relu.coefficient) == pytest.approx(0.5)
+    assert run.learners[1].controller is None, "topk's k is the target"
+
+
 @pytest.mark.parametrize(
     ("kwargs", "field", "words"),
     [
