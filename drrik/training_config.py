@@ -17,7 +17,14 @@ from drrik.errors import require
 from drrik.options import check_choices, split_legacy
 from drrik.settings import EnvironmentSettings, get_settings
 
-SWEEPABLE = ("k", "l1_coefficient", "expansion_factor", "d_sae", "architecture")
+SWEEPABLE = (
+    "k",
+    "l1_coefficient",
+    "expansion_factor",
+    "d_sae",
+    "architecture",
+    "skip_connection",
+)
 
 
 def slot_name(hook: str, setting: dict[str, str], several_hooks: bool) -> str:

@@ -287,3 +287,22 @@ def test_resampling_points_decoder_rows_at_targets() -> None:
     torch.testing.assert_close(rows.norm(dim=1), torch.ones(3))
     unit_targets = y / y.norm(dim=1, keepdim=True)
     assert (rows @ unit_targets.T).amax(dim=1).min() > 1 - 1e-5  # each row is a drawn target
+
+
+def test_a_sweep_trains_plain_and_skip_transcoders_from_one_stream(
+    tiny_model: Any, tiny_model_dir: Path, docs: Dataset, tmp_path: Path
+) -> None:
+    cfg = run_config(
+        tmp_path / "run",
+        tiny_model_dir,
+        model={"hook": [IN], "target_hook": [OUT]},
+        trainer={"sweep": ["skip_connection=false,TRUE"], "training_tokens": BATCH * 4},
+    )
+    plain, skip = (f"skip_connection={v}" for v in ("false", "TRUE"))
+    assert [s.sae.skip_connection for s in cfg.dictionaries()] == [False, True]
+    run, metrics = fit(cfg, tiny_model, docs)
+    assert len(run.stores) == 1 and set(metrics) == {plain, skip}
+    assert run.progress.tokens == BATCH * 4  # every step fed both
+    final = Path(cfg.out) / "final"
+    assert "W_skip" not in load_file(str(final / plain / "sae_weights.safetensors"))
+    assert "W_skip" in load_file(str(final / skip / "sae_weights.safetensors"))
