@@ -112,8 +112,8 @@ OPTIONS: dict[str, tuple[type, str, str]] = {
     "steer": (
         SteerOptions,
         "dir",
-        "Generate text with SAE feature directions added (or clamped) at the SAE's hook, and "
-        "print it next to the unsteered baseline.",
+        "Generate text with SAE feature directions added (or clamped) at the hook the SAE "
+        "writes (a transcoder's target hook), and print it next to the unsteered baseline.",
     ),
     "export": (
         ExportOptions,

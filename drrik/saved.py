@@ -82,6 +82,11 @@ class SavedSAE:
         require(bool(hook), "hook", hook, "the SAE's cfg.json names no metadata.hook_name")
         return str(hook)
 
+    @property
+    def target_hook(self) -> str:
+        """The hook the dictionary writes: a transcoder's ``hook_name_out``, else its input."""
+        return str(self.metadata.get("hook_name_out") or self.hook)
+
     def _run_config(self) -> RunConfig | None:
         """The run's config.yaml, checked; its device is not used here, so not checked."""
         if self.run_dir is None or not (self.run_dir / CONFIG_FILE).is_file():
@@ -114,7 +119,7 @@ class SavedSAE:
             saved = self._run_config()
             dtype = saved.model.model_dtype if saved else "float32"
             model = load_model(self.model_name(model), device=device, dtype=dtype)
-        check_hooks(model, [self.hook])
+        check_hooks(model, [self.hook, self.target_hook])
         return model
 
     def held_out(
@@ -172,7 +177,6 @@ def evaluate_saved(
         model, device, cfg.eval_contexts, cfg.eval_batch_size_prompts, dataset, eval_split
     )
     exclude = torch.tensor(SpecialTokens.of(lm.tokenizer).ids(), dtype=torch.long)
-    target_hook = str(saved.metadata.get("hook_name_out", ""))
-    target = EvalTarget(saved.sae_dir.name, saved.hook, sae, target_hook=target_hook)
+    target = EvalTarget(saved.sae_dir.name, saved.hook, sae, target_hook=saved.target_hook)
     metrics, _ = evaluate(lm, [target], contexts, exclude, cfg.dense_threshold)
     return metrics[target.name]
