@@ -233,7 +233,7 @@ class EvalOptions(TextOptions):
     eval_contexts: int = 64
     """Held-out contexts to evaluate on."""
     json: bool = False
-    """Print JSON instead of a table."""
+    """Print JSON instead of a table (an object per SAE when a run holds several)."""
 
 
 @dataclass

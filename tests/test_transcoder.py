@@ -25,6 +25,7 @@ from drrik.learner import Learner
 from drrik.run_dir import RunDir
 from drrik.sae import SAE, SAEConfig, build_sae, resample_dead_features
 from drrik.sae.spec import DictionarySpec
+from drrik.saved import evaluate_saved
 from drrik.topk_jumprelu import HeldOut, jumprelu_form
 
 __all__ = ["one_thread"]  # the autouse fixture: one torch thread here too
@@ -226,19 +227,25 @@ def final_tokens(metrics: dict[str, dict[str, float]]) -> int:
 
 
 def test_every_layer_from_one_stream(
-    tiny_model: Any, tiny_model_dir: Path, docs: Dataset, tmp_path: Path
+    tiny_model: Any, tiny_model_dir: Path, dataset_file: Path, tmp_path: Path
 ) -> None:
     model = {
         "hook": ["blocks.{layer}.mlp.hook_in"],
         "target_hook": ["blocks.{layer}.hook_mlp_out"],
         "layers": ["all"],
     }
-    cfg = run_config(tmp_path / "run", tiny_model_dir, model=model, eval={"eval_together": True})
+    cfg = run_config(
+        tmp_path / "run",
+        tiny_model_dir,
+        model=model,
+        data={"dataset": str(dataset_file)},  # a file: drrik eval reads its held-out rows too
+        eval={"eval_together": True},
+    )
     n_layers = tiny_model.cfg.n_layers
     specs = cfg.dictionaries(n_layers)
     assert [s.name for s in specs] == [f"blocks.{n}.mlp.hook_in" for n in range(n_layers)]
     assert [s.target_hook for s in specs] == [f"blocks.{n}.hook_mlp_out" for n in range(n_layers)]
-    run, metrics = fit(cfg, tiny_model, docs)
+    run, metrics = fit(cfg, tiny_model, None)
     assert set(metrics) == {s.name for s in specs} | {SPLICED_TOGETHER}
     for spec in specs:
         meta = json.loads((Path(cfg.out) / "final" / spec.name / "cfg.json").read_text())
@@ -262,6 +269,13 @@ def test_every_layer_from_one_stream(
     for key, value in alone.items():
         assert value == pytest.approx(metrics[one.name][key], rel=1e-4, abs=1e-6), key
     assert together["ce_loss_zero_ablated"] != alone["ce_loss_zero_ablated"]
+
+    # drrik eval of the run: every saved transcoder, and spliced_together as it was trained.
+    again = evaluate_saved(cfg.out, model=tiny_model, eval_contexts=cfg.eval.eval_contexts)
+    assert set(again) == set(metrics)
+    for name, values in again.items():
+        for key in values.keys() - {"l1"}:  # saved with unit decoder rows: features rescaled
+            assert values[key] == pytest.approx(metrics[name][key], rel=1e-4, abs=1e-6), (name, key)
 
 
 def test_checkpoint_keeps_the_target_scale_and_old_ones_load() -> None:
