@@ -30,6 +30,15 @@ def open_logger(run: Run) -> WandbLogger:
     return WandbLogger(wandb_cfg, run.run_dir.path, cfg.to_dict(), run_id)
 
 
+def final_rows(metrics: Metrics, tokens: int) -> list[dict[str, Any]]:
+    """The final held-out metrics as rows for wandb, ``eval/<metric>`` per dictionary (and
+    ``spliced_together``), as periodic evaluations log theirs, so runs compare on wandb."""
+    return [
+        {"sae": name, "tokens": tokens, **{f"eval/{k}": v for k, v in values.items()}}
+        for name, values in metrics.items()
+    ]
+
+
 def train(
     cfg: RunConfig, *, model: Any = None, dataset: Any = None, verbose: bool = True
 ) -> Metrics:
@@ -61,6 +70,7 @@ def train_run(run: Run) -> Metrics:
                     if run.verbose:
                         log.info(format_metrics(together))
                     metrics |= together
+                logger.log_rows(final_rows(metrics, run.progress.tokens))
                 if run.verbose:
                     log.info(f"saved to {run.run_dir.final_path.resolve()}")
         except TrainingStopped as exc:
