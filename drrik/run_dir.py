@@ -380,7 +380,11 @@ def locate_saved_sae(path: str | Path, name: str | None = None) -> SavedLocation
     path = _run_path(path)
     final = path / FINAL_DIR
     if (path / SAE_CONFIG_FILE).is_file():
-        return SavedLocation(path, None, None)
+        # final/<name>/ of a run that trained several: the same SAE as --sae <name>, with its
+        # run's config (model dtype, held-out text) and the run's analysis/report directories.
+        run = path.parent.parent
+        in_run = path.parent.name == FINAL_DIR and (run / CONFIG_FILE).is_file()
+        return SavedLocation(path, run, path.name) if in_run else SavedLocation(path, None, None)
     if (final / SAE_CONFIG_FILE).is_file():
         return SavedLocation(final, path, None)
     names = saved_names(path)

@@ -25,7 +25,7 @@ from drrik.learner import Learner
 from drrik.run_dir import RunDir
 from drrik.sae import SAE, SAEConfig, build_sae, resample_dead_features
 from drrik.sae.spec import DictionarySpec
-from drrik.saved import evaluate_saved
+from drrik.saved import SavedSAE, evaluate_saved
 from drrik.topk_jumprelu import HeldOut, jumprelu_form
 
 __all__ = ["one_thread"]  # the autouse fixture: one torch thread here too
@@ -273,6 +273,8 @@ def test_every_layer_from_one_stream(
     # drrik eval of the run: every saved transcoder, and spliced_together as it was trained.
     again = evaluate_saved(cfg.out, model=tiny_model, eval_contexts=cfg.eval.eval_contexts)
     assert set(again) == set(metrics)
+    picked = SavedSAE.locate(Path(cfg.out) / "final" / specs[1].name)  # as --sae would pick it
+    assert (picked.run_dir, picked.name) == (Path(cfg.out), specs[1].name)
     for name, values in again.items():
         for key in values.keys() - {"l1"}:  # saved with unit decoder rows: features rescaled
             assert values[key] == pytest.approx(metrics[name][key], rel=1e-4, abs=1e-6), (name, key)
