@@ -210,10 +210,10 @@ def cmd_eval(argv: list[str]) -> int:
     if opts.json:  # one SAE: its metrics, as before runs held several
         print(json.dumps(next(iter(metrics.values())) if len(metrics) == 1 else metrics, indent=2))
         return 0
-    together = metrics.pop(SPLICED_TOGETHER, None)
+    together = {k: metrics.pop(k) for k in list(metrics) if k.startswith(SPLICED_TOGETHER)}
     print(format_metrics(metrics))
-    if together is not None:  # its own table: it has only the CE and KL rows
-        print(format_metrics({SPLICED_TOGETHER: together}))
+    if together:  # its own table: it has only the CE and KL rows
+        print(format_metrics(together))
     return 0
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from drrik.assemble import assemble
 from drrik.config import RunConfig
-from drrik.evaluate import SPLICED_TOGETHER, format_metrics
+from drrik.evaluate import format_metrics, spliced_groups
 from drrik.export import Metrics, export_run, save_together
 from drrik.logs import get_logger
 from drrik.run import Run
@@ -65,8 +65,13 @@ def train_run(run: Run) -> Metrics:
                 if run.verbose:
                     log.info(format_metrics(metrics))
                 if run.cfg.eval.eval_together:
-                    together = {SPLICED_TOGETHER: run.evaluator.together(targets)}
-                    save_together(run, together[SPLICED_TOGETHER])
+                    settings = [learner.spec.setting for learner in run.learners]
+                    together = {
+                        name: run.evaluator.together(group)
+                        for name, group in spliced_groups(targets, settings).items()
+                    }
+                    for name, values in together.items():
+                        save_together(run, name, values)
                     if run.verbose:
                         log.info(format_metrics(together))
                     metrics |= together

@@ -20,11 +20,11 @@ from drrik.config import DataConfig, EvalConfig, RunConfig, load_config_file
 from drrik.data import ContextStream, SpecialTokens, load_source
 from drrik.errors import check_device, require
 from drrik.evaluate import (
-    SPLICED_TOGETHER,
     EvalTarget,
     evaluate,
     evaluate_together,
     held_out_contexts,
+    spliced_groups,
 )
 from drrik.model import check_hooks, load_model
 from drrik.run_dir import CONFIG_FILE, SavedLocation, locate_saved_sae, saved_names
@@ -177,7 +177,8 @@ def evaluate_saved(
 
     Without ``sae_name``, a run's every SAE (a transcoder per layer, say) is evaluated on the
     same forward passes, and a run trained with ``--eval-together`` also gets
-    ``spliced_together``: all of them spliced in at once, as training reported.
+    ``spliced_together``: all of them spliced in at once (one per sweep setting), as
+    training reported.
     """
     check_device(device)
     cfg = EvalConfig(eval_contexts=eval_contexts)
@@ -200,5 +201,8 @@ def evaluate_saved(
     metrics, _ = evaluate(lm, targets, contexts, exclude, cfg.dense_threshold)
     run_cfg = first._run_config()
     if sae_name is None and run_cfg is not None and run_cfg.eval.eval_together:
-        metrics[SPLICED_TOGETHER] = evaluate_together(lm, targets, contexts, exclude)
+        specs = {spec.name: spec for spec in run_cfg.dictionaries(lm.cfg.n_layers)}
+        settings = [specs[saved.name].setting if saved.name else "" for saved in located]
+        for name, group in spliced_groups(targets, settings).items():
+            metrics[name] = evaluate_together(lm, group, contexts, exclude)
     return metrics

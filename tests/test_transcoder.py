@@ -306,19 +306,29 @@ def test_resampling_points_decoder_rows_at_targets() -> None:
 
 
 def test_a_sweep_trains_plain_and_skip_transcoders_from_one_stream(
-    tiny_model: Any, tiny_model_dir: Path, docs: Dataset, tmp_path: Path
+    tiny_model: Any, tiny_model_dir: Path, dataset_file: Path, tmp_path: Path
 ) -> None:
     cfg = run_config(
         tmp_path / "run",
         tiny_model_dir,
         model={"hook": [IN], "target_hook": [OUT]},
+        data={"dataset": str(dataset_file)},
         trainer={"sweep": ["skip_connection=false,TRUE"], "training_tokens": BATCH * 4},
+        eval={"eval_together": True},
     )
     plain, skip = (f"skip_connection={v}" for v in ("false", "TRUE"))
     assert [s.sae.skip_connection for s in cfg.dictionaries()] == [False, True]
-    run, metrics = fit(cfg, tiny_model, docs)
-    assert len(run.stores) == 1 and set(metrics) == {plain, skip}
-    assert run.progress.tokens == BATCH * 4  # every step fed both
+    run, metrics = fit(cfg, tiny_model, None)
+    assert len(run.stores) == 1 and run.progress.tokens == BATCH * 4  # every step fed both
     final = Path(cfg.out) / "final"
     assert "W_skip" not in load_file(str(final / plain / "sae_weights.safetensors"))
     assert "W_skip" in load_file(str(final / skip / "sae_weights.safetensors"))
+    # Spliced in together per sweep setting: the two write the same hook, so never at once.
+    together = [f"{SPLICED_TOGETHER}__{name}" for name in (plain, skip)]
+    assert set(metrics) == {plain, skip, *together}
+    for name in together:
+        saved = json.loads((final / f"{name}.json").read_text())
+        assert saved == metrics[name] and saved["kl_div_with_sae"] > 0
+    again = evaluate_saved(cfg.out, model=tiny_model, eval_contexts=cfg.eval.eval_contexts)
+    for name in together:
+        assert again[name] == pytest.approx(metrics[name], rel=1e-4, abs=1e-6)
