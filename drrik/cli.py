@@ -274,9 +274,11 @@ def cmd_steer(argv: list[str]) -> int:
     opts.check()
     check_device(opts.device)
     from drrik.saved import SavedSAE
-    from drrik.steering import SAESteering
+    from drrik.steering import SAESteering, check_mode
 
-    SavedSAE.locate(path, opts.sae).check_features(opts.feature)
+    saved = SavedSAE.locate(path, opts.sae)  # cheap checks before the model loads
+    saved.check_features(opts.feature)
+    check_mode(opts.mode, saved.hook, saved.target_hook)
     steering = SAESteering.from_run(path, model=opts.model, device=opts.device, sae_name=opts.sae)
     if opts.find:
         for prompt in opts.prompt:

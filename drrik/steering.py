@@ -45,6 +45,18 @@ CALIBRATION_TOKENS = 16_384
 """Tokens analysed to find features' max activations when a run has no saved analysis."""
 
 
+def check_mode(mode: str, hook: str, target_hook: str) -> None:
+    """Refuse an unknown mode, and clamp for a transcoder (``target_hook`` is not ``hook``):
+    its feature's activation is read at another hook than the one edited."""
+    require(mode in MODES, "mode", mode, f"use one of {MODES}")
+    require(
+        mode == "add" or target_hook == hook,
+        "mode",
+        mode,
+        "a transcoder's features are read at another hook than the one steered; use add",
+    )
+
+
 class SAESteering:
     """Generate text from ``model`` with features of ``sae`` (read at ``hook``) steered.
 
@@ -180,13 +192,7 @@ class SAESteering:
         tokens are sampled (``top_p`` nucleus) with torch's RNG seeded with ``seed`` inside a
         forked RNG state, so the caller's random stream is left as it was.
         """
-        require(mode in MODES, "mode", mode, f"use one of {MODES}")
-        require(
-            mode == "add" or self.target_hook == self.hook,
-            "mode",
-            mode,
-            "a transcoder's features are read at another hook than the one steered; use add",
-        )
+        check_mode(mode, self.hook, self.target_hook)
         require(temperature >= 0, "temperature", temperature, "use a value >= 0")
         require(max_new_tokens > 0, "max_new_tokens", max_new_tokens, "use a positive number")
         tokens, mask = self._encode(prompts)

@@ -133,7 +133,9 @@ def test_cmd_steer(tiny_model, tiny_model_dir, tmp_path, capsys):
     assert "'feature':" in capsys.readouterr().out
 
 
-def test_a_transcoder_steers_at_its_target_hook(tiny_model, tiny_model_dir, tmp_path):
+def test_a_transcoder_steers_at_its_target_hook(
+    tiny_model, tiny_model_dir, tmp_path, monkeypatch, capsys
+):
     """A transcoder's decoder row lives in its target's space: ``add`` puts it at
     ``hook_name_out`` (the MLP's output), so block 1's output moves by exactly strength x
     W_dec[f], and clamp (whose feature is read at another hook) is refused."""
@@ -165,3 +167,7 @@ def test_a_transcoder_steers_at_its_target_hook(tiny_model, tiny_model_dir, tmp_
     torch.testing.assert_close(moved[1:], expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(ConfigError, match="mode"):
         steering.generate(PROMPTS[0], 2, 1.0, mode="clamp", units="absolute")
+    monkeypatch.setattr(SAESteering, "from_run", None)  # refused before any model loads
+    argv = [str(tmp_path / "tc"), "--prompt", "a", "--feature", "2", "--mode", "clamp"]
+    assert main(["steer", *argv]) == 2
+    assert "mode='clamp'" in capsys.readouterr().err
