@@ -114,6 +114,7 @@ TRANSCODERS = (
     "--target-hook", "blocks.{layer}.hook_mlp_out",
     "--layers", "0", "1",
     "--skip-connection", "true",
+    "--training-tokens", "2560",  # 10 steps of the global batch: enough to compare
 )  # fmt: skip
 
 

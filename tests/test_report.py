@@ -132,6 +132,6 @@ def test_a_transcoder_report_names_both_hooks(tiny_model, tiny_model_dir, tmp_pa
     save_sae(tc, tmp_path / "tc", metadata=metadata)
     cfg = AnalysisConfig(n_tokens=256, batch_size_prompts=4)
     assert analyze(tmp_path / "tc", cfg, model=tiny_model).meta["hook"] == tc_in
-    page = write_report(tmp_path / "tc", n_features=3).read_text()
+    page = write_report(tmp_path / "tc", n_features=1).read_text()
     assert f"<th>transcoder</th><td class='num'>{tc_in} → {tc_out}</td>" in page
     assert "<th>d_out</th>" in page
