@@ -276,6 +276,7 @@ class RunConfig(Serializable):
                 (reads,),
                 (writes,),
                 self.dictionary_config(setting, transcoder=reads != writes),
+                slot_name("", setting, several_hooks=False) if setting else "",
             )
             for reads, writes in pairs
             for setting in parse_sweep(self.trainer.sweep)
