@@ -232,11 +232,12 @@ def logit_effects(model: Any, sae: SAE, k: int, chunk: int = 512) -> dict[str, T
     """Direct logit attribution of each decoder row: ``(W_dec[f] * norm_scale) @ W_U``.
 
     The final norm's own normalization depends on the whole residual and is left out; its
-    scale is per dimension and is kept. Empty when the SAE's width is not the model's (e.g. an
-    MLP-neuron hook), where the decoder row is not a residual-stream direction.
+    scale is per dimension and is kept. Empty when the SAE's output width (a transcoder's
+    d_out) is not the model's (e.g. an MLP-neuron hook), where the decoder row is not a
+    residual-stream direction.
     """
     W_U = getattr(model, "W_U", None)
-    if W_U is None or W_U.shape[0] != sae.d_in:
+    if W_U is None or W_U.shape[0] != sae.d_out:
         return {}
     W_U = W_U.float()
     scale = _final_norm_scale(model)

@@ -32,7 +32,7 @@ from drrik.options import (
     load_options,
     split_legacy,
 )
-from drrik.run_dir import CONFIG_FILE, locate_saved_sae
+from drrik.run_dir import CONFIG_FILE
 from drrik.status import format_status, run_status
 
 if TYPE_CHECKING:  # the run config imports torch: only the commands that need it load it
@@ -91,7 +91,12 @@ def build_parser(
 
 
 OPTIONS: dict[str, tuple[type, str, str]] = {
-    "eval": (EvalOptions, "dir", "Evaluate a saved SAE on held-out text."),
+    "eval": (
+        EvalOptions,
+        "dir",
+        "Evaluate a saved SAE on held-out text (every SAE of a run that trained several, and "
+        "all of them spliced in together when it was trained with --eval-together).",
+    ),
     "status": (
         StatusOptions,
         "run_dir",
@@ -112,8 +117,8 @@ OPTIONS: dict[str, tuple[type, str, str]] = {
     "steer": (
         SteerOptions,
         "dir",
-        "Generate text with SAE feature directions added (or clamped) at the SAE's hook, and "
-        "print it next to the unsteered baseline.",
+        "Generate text with SAE feature directions added (or clamped) at the hook the SAE "
+        "writes (a transcoder's target hook), and print it next to the unsteered baseline.",
     ),
     "export": (
         ExportOptions,
@@ -190,7 +195,7 @@ def cmd_train(argv: list[str]) -> int:
 
 def cmd_eval(argv: list[str]) -> int:
     path, opts = parse_options("eval", argv)
-    from drrik.evaluate import format_metrics
+    from drrik.evaluate import SPLICED_TOGETHER, format_metrics
     from drrik.saved import evaluate_saved
 
     metrics = evaluate_saved(
@@ -202,8 +207,13 @@ def cmd_eval(argv: list[str]) -> int:
         eval_contexts=opts.eval_contexts,
         device=opts.device,
     )
-    name = locate_saved_sae(path, opts.sae).sae_dir.name
-    print(json.dumps(metrics, indent=2) if opts.json else format_metrics({name: metrics}))
+    if opts.json:  # one SAE: its metrics, as before runs held several
+        print(json.dumps(next(iter(metrics.values())) if len(metrics) == 1 else metrics, indent=2))
+        return 0
+    together = {k: metrics.pop(k) for k in list(metrics) if k.startswith(SPLICED_TOGETHER)}
+    print(format_metrics(metrics))
+    if together:  # its own table: it has only the CE and KL rows
+        print(format_metrics(together))
     return 0
 
 
@@ -264,9 +274,11 @@ def cmd_steer(argv: list[str]) -> int:
     opts.check()
     check_device(opts.device)
     from drrik.saved import SavedSAE
-    from drrik.steering import SAESteering
+    from drrik.steering import SAESteering, check_mode
 
-    SavedSAE.locate(path, opts.sae).check_features(opts.feature)
+    saved = SavedSAE.locate(path, opts.sae)  # cheap checks before the model loads
+    saved.check_features(opts.feature)
+    check_mode(opts.mode, saved.hook, saved.target_hook)
     steering = SAESteering.from_run(path, model=opts.model, device=opts.device, sae_name=opts.sae)
     if opts.find:
         for prompt in opts.prompt:

@@ -36,6 +36,8 @@ from drrik.errors import require
 from drrik.sae import SAE
 
 SPLICED_TOGETHER = "spliced_together"
+
+
 """The name under which a run reports its dictionaries evaluated all at once."""
 
 
@@ -196,6 +198,21 @@ def _splice_hooks(targets: list[EvalTarget], keep: torch.Tensor) -> list[tuple[s
 def _zero_at(keep: torch.Tensor) -> Any:
     """A hook function that zeroes the hooked activation at the ``keep`` positions."""
     return lambda act, hook: act.masked_fill(keep.to(act.device)[..., None], 0)
+
+
+def together_name(setting: str) -> str:
+    """The name of the metrics of one sweep setting's dictionaries spliced in together."""
+    return f"{SPLICED_TOGETHER}__{setting}" if setting else SPLICED_TOGETHER
+
+
+def spliced_groups(targets: list[EvalTarget], settings: list[str]) -> dict[str, list[EvalTarget]]:
+    """``targets`` by :func:`together_name` of their sweep setting (``settings``, in order):
+    dictionaries of different settings may write the same hook, so they cannot be spliced in
+    at once."""
+    groups: dict[str, list[EvalTarget]] = {}
+    for target, setting in zip(targets, settings, strict=True):
+        groups.setdefault(together_name(setting), []).append(target)
+    return groups
 
 
 @torch.no_grad()

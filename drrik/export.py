@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 
-from drrik.evaluate import SPLICED_TOGETHER
 from drrik.learner import Learner
 from drrik.logs import get_logger
 from drrik.plots import plot_feature_density, plot_training_curves
@@ -108,9 +107,10 @@ def topk_held_out(run: Run) -> dict[tuple[str, str], HeldOut]:
     return collect(evaluator.model, evaluator.contexts, evaluator.exclude_ids, pairs, width)
 
 
-def save_together(run: Run, metrics: dict[str, float]) -> Path:
-    """The metrics of every dictionary spliced in at once, as ``final/spliced_together.json``."""
-    path = run.run_dir.final_path / f"{SPLICED_TOGETHER}.json"
+def save_together(run: Run, name: str, metrics: dict[str, float]) -> Path:
+    """The metrics of dictionaries spliced in at once, as ``final/<name>.json``
+    (``spliced_together.json``, or one per sweep setting)."""
+    path = run.run_dir.final_path / f"{name}.json"
     with atomic_write(path) as tmp:
         tmp.write_text(json.dumps(metrics, indent=2))
     return path

@@ -33,6 +33,8 @@ S = TypeVar("S", bound=Serializable)
 SteerMode = Literal["add", "clamp"]
 SteerUnits = Literal["max", "absolute"]
 ExportFormat = Literal["circuit-tracer"]
+_BOOLS = {"true": True, "false": False}
+"""How a bool is written where values are text (a sweep's values, a quoted YAML value)."""
 _EXPECTED = {bool: "true or false", str: "a string", int: "a whole number", float: "a number"}
 
 
@@ -94,8 +96,8 @@ def field_value(name: str, value: Any, hint: Any, where: str) -> Any:
         return value
     number = isinstance(value, int | float) and not isinstance(value, bool)
     converted: Any = None
-    if kind is bool:
-        converted = value if isinstance(value, bool) else None
+    if kind is bool:  # a sweep's values are strings: --sweep skip_connection=false,true
+        converted = value if isinstance(value, bool) else _BOOLS.get(str(value).lower())
     elif kind is str:
         converted = str(value) if isinstance(value, str) or number else None
     elif kind in (int, float) and (number or isinstance(value, str)):
@@ -231,7 +233,7 @@ class EvalOptions(TextOptions):
     eval_contexts: int = 64
     """Held-out contexts to evaluate on."""
     json: bool = False
-    """Print JSON instead of a table."""
+    """Print JSON instead of a table (an object per SAE when a run holds several)."""
 
 
 @dataclass

@@ -12,7 +12,7 @@ from typing import Any
 
 from drrik.assemble import assemble
 from drrik.config import RunConfig
-from drrik.evaluate import SPLICED_TOGETHER, format_metrics
+from drrik.evaluate import format_metrics, spliced_groups
 from drrik.export import Metrics, export_run, save_together
 from drrik.logs import get_logger
 from drrik.run import Run
@@ -28,6 +28,15 @@ def open_logger(run: Run) -> WandbLogger:
     wandb_cfg = cfg.wandb if run.dist.is_main else replace(cfg.wandb, wandb_mode="disabled")
     run_id = run.checkpoints.latest_manifest().get("wandb_run_id")
     return WandbLogger(wandb_cfg, run.run_dir.path, cfg.to_dict(), run_id)
+
+
+def final_rows(metrics: Metrics, tokens: int) -> list[dict[str, Any]]:
+    """The final held-out metrics as rows for wandb, ``eval/<metric>`` per dictionary (and
+    ``spliced_together``), as periodic evaluations log theirs, so runs compare on wandb."""
+    return [
+        {"sae": name, "tokens": tokens, **{f"eval/{k}": v for k, v in values.items()}}
+        for name, values in metrics.items()
+    ]
 
 
 def train(
@@ -56,11 +65,17 @@ def train_run(run: Run) -> Metrics:
                 if run.verbose:
                     log.info(format_metrics(metrics))
                 if run.cfg.eval.eval_together:
-                    together = {SPLICED_TOGETHER: run.evaluator.together(targets)}
-                    save_together(run, together[SPLICED_TOGETHER])
+                    settings = [learner.spec.setting for learner in run.learners]
+                    together = {
+                        name: run.evaluator.together(group)
+                        for name, group in spliced_groups(targets, settings).items()
+                    }
+                    for name, values in together.items():
+                        save_together(run, name, values)
                     if run.verbose:
                         log.info(format_metrics(together))
                     metrics |= together
+                logger.log_rows(final_rows(metrics, run.progress.tokens))
                 if run.verbose:
                     log.info(f"saved to {run.run_dir.final_path.resolve()}")
         except TrainingStopped as exc:

@@ -167,12 +167,16 @@ holds the context's maximum. Hover a token for its activation.</p>
 def _summary_rows(saved: SavedSAE, results: AnalysisResults) -> list[tuple[str, Any]]:
     cfg_json = saved.cfg_json
     meta = saved.metadata
+    hook = meta.get("hook_name", "")
+    # A transcoder reads one hook and writes another: say so, or it reads like an SAE.
+    transcoder = "hook_name_out" in meta
     rows: list[tuple[str, Any]] = [
         ("model", meta.get("model_name", "")),
-        ("hook", meta.get("hook_name", "")),
+        ("transcoder", f"{hook} → {saved.target_hook}") if transcoder else ("hook", hook),
         ("dataset", meta.get("dataset_path", "")),
         ("architecture", cfg_json.get("architecture", "")),
         ("d_in", cfg_json.get("d_in", "")),
+        *([("d_out", cfg_json.get("d_out", ""))] if transcoder else []),
         ("d_sae", cfg_json.get("d_sae", "")),
     ]
     if "k" in cfg_json:

@@ -358,18 +358,36 @@ class SavedLocation:
         return base / self.name if self.name else base
 
 
+def _run_path(path: str | Path) -> Path:
+    """``path``, or the run directory when it names a run's ``final/``."""
+    path = Path(path)
+    return path.parent if path.name == FINAL_DIR and (path.parent / CONFIG_FILE).is_file() else path
+
+
+def saved_names(path: str | Path) -> list[str]:
+    """The names of the SAEs a run saved as ``final/<name>/`` (a run that trained several);
+    empty for a saved SAE directory or a run that trained one."""
+    path = _run_path(path)
+    if (path / SAE_CONFIG_FILE).is_file():
+        return []
+    final = path / FINAL_DIR
+    return sorted(p.name for p in final.glob("*") if (p / SAE_CONFIG_FILE).is_file())
+
+
 def locate_saved_sae(path: str | Path, name: str | None = None) -> SavedLocation:
     """Accept a run directory, its ``final/`` directory, or any saved SAE directory;
     ``name`` picks one SAE of a run that trained several."""
-    path = Path(path)
-    if path.name == FINAL_DIR and (path.parent / CONFIG_FILE).is_file():
-        path = path.parent
+    path = _run_path(path)
     final = path / FINAL_DIR
     if (path / SAE_CONFIG_FILE).is_file():
-        return SavedLocation(path, None, None)
+        # final/<name>/ of a run that trained several: the same SAE as --sae <name>, with its
+        # run's config (model dtype, held-out text) and the run's analysis/report directories.
+        run = path.parent.parent
+        in_run = path.parent.name == FINAL_DIR and (run / CONFIG_FILE).is_file()
+        return SavedLocation(path, run, path.name) if in_run else SavedLocation(path, None, None)
     if (final / SAE_CONFIG_FILE).is_file():
         return SavedLocation(final, path, None)
-    names = sorted(p.name for p in final.glob("*") if (p / SAE_CONFIG_FILE).is_file())
+    names = saved_names(path)
     require(
         bool(names),
         "DIR",

@@ -19,9 +19,15 @@ from drrik.analysis_results import ANALYSIS_DIR, META_FILE, AnalysisResults
 from drrik.config import DataConfig, EvalConfig, RunConfig, load_config_file
 from drrik.data import ContextStream, SpecialTokens, load_source
 from drrik.errors import check_device, require
-from drrik.evaluate import EvalTarget, evaluate, held_out_contexts
+from drrik.evaluate import (
+    EvalTarget,
+    evaluate,
+    evaluate_together,
+    held_out_contexts,
+    spliced_groups,
+)
 from drrik.model import check_hooks, load_model
-from drrik.run_dir import CONFIG_FILE, SavedLocation, locate_saved_sae
+from drrik.run_dir import CONFIG_FILE, SavedLocation, locate_saved_sae, saved_names
 from drrik.sae import SAE, load_sae
 from drrik.sae.saving import SAVED_SAE_FIX, read_sae_cfg
 
@@ -82,6 +88,11 @@ class SavedSAE:
         require(bool(hook), "hook", hook, "the SAE's cfg.json names no metadata.hook_name")
         return str(hook)
 
+    @property
+    def target_hook(self) -> str:
+        """The hook the dictionary writes: a transcoder's ``hook_name_out``, else its input."""
+        return str(self.metadata.get("hook_name_out") or self.hook)
+
     def _run_config(self) -> RunConfig | None:
         """The run's config.yaml, checked; its device is not used here, so not checked."""
         if self.run_dir is None or not (self.run_dir / CONFIG_FILE).is_file():
@@ -114,7 +125,7 @@ class SavedSAE:
             saved = self._run_config()
             dtype = saved.model.model_dtype if saved else "float32"
             model = load_model(self.model_name(model), device=device, dtype=dtype)
-        check_hooks(model, [self.hook])
+        check_hooks(model, [self.hook, self.target_hook])
         return model
 
     def held_out(
@@ -160,19 +171,38 @@ def evaluate_saved(
     eval_split: str | None = None,
     eval_contexts: int = 64,
     device: str = "cpu",
-) -> dict[str, float]:
-    """A saved SAE's held-out metrics (``drrik eval``), as training's final evaluation
-    computes them: on the run's held-out text unless ``dataset``/``eval_split`` say other."""
+) -> dict[str, dict[str, float]]:
+    """Held-out metrics by SAE name (``drrik eval``), as training's final evaluation computes
+    them: on the run's held-out text unless ``dataset``/``eval_split`` say other.
+
+    Without ``sae_name``, a run's every SAE (a transcoder per layer, say) is evaluated on the
+    same forward passes, and a run trained with ``--eval-together`` also gets
+    ``spliced_together``: all of them spliced in at once (one per sweep setting), as
+    training reported.
+    """
     check_device(device)
     cfg = EvalConfig(eval_contexts=eval_contexts)
-    saved = SavedSAE.locate(path, sae_name)
-    saved.model_name(model if isinstance(model, str) else None)
-    sae = saved.load_sae(device)  # cheap reads first: a damaged SAE fails before the model
-    lm, _, contexts = saved.held_out(
+    names = [sae_name] if sae_name is not None else saved_names(path) or [None]
+    located = [SavedSAE.locate(path, name) for name in names]
+    first = located[0]
+    first.model_name(model if isinstance(model, str) else None)
+    # Cheap reads first: a damaged SAE fails before the model loads.
+    saes = [saved.load_sae(device) for saved in located]
+    lm, _, contexts = first.held_out(
         model, device, cfg.eval_contexts, cfg.eval_batch_size_prompts, dataset, eval_split
     )
+    for saved in located[1:]:
+        saved.load_model(lm)  # checks its hooks on the loaded model
+    targets = [
+        EvalTarget(saved.sae_dir.name, saved.hook, sae, target_hook=saved.target_hook)
+        for saved, sae in zip(located, saes, strict=True)
+    ]
     exclude = torch.tensor(SpecialTokens.of(lm.tokenizer).ids(), dtype=torch.long)
-    target_hook = str(saved.metadata.get("hook_name_out", ""))
-    target = EvalTarget(saved.sae_dir.name, saved.hook, sae, target_hook=target_hook)
-    metrics, _ = evaluate(lm, [target], contexts, exclude, cfg.dense_threshold)
-    return metrics[target.name]
+    metrics, _ = evaluate(lm, targets, contexts, exclude, cfg.dense_threshold)
+    run_cfg = first._run_config()
+    if sae_name is None and run_cfg is not None and run_cfg.eval.eval_together:
+        specs = {spec.name: spec for spec in run_cfg.dictionaries(lm.cfg.n_layers)}
+        settings = [specs[saved.name].setting if saved.name else "" for saved in located]
+        for name, group in spliced_groups(targets, settings).items():
+            metrics[name] = evaluate_together(lm, group, contexts, exclude)
+    return metrics

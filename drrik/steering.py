@@ -1,14 +1,17 @@
 """Steer a language model's generation with SAE feature directions.
 
-An edit at the SAE's hook point changes the activation on every position while the model
-generates (:mod:`drrik.generation`: Hugging Face's own KV-cached ``generate`` with a forward
-hook where the hook point sits, not the hooked model's ``generate``), under ``torch.no_grad``:
+An edit at the hook point the dictionary writes (an SAE's own hook; a transcoder's target hook,
+``hook_name_out``, since its decoder rows live in the target's space) changes the activation on
+every position while the model generates (:mod:`drrik.generation`: Hugging Face's own KV-cached
+``generate`` with a forward hook where the hook point sits, not the hooked model's
+``generate``), under ``torch.no_grad``:
 
 - ``add`` mode adds ``strength * W_dec[f]`` for each steered feature ``f``: as if the feature
   fired with activation ``strength`` on top of what is there;
 - ``clamp`` mode sets the feature's activation instead: it adds ``(strength - a_f(x)) * W_dec[f]``
   where ``a_f(x)`` is the SAE's current activation of ``f``, so in the SAE's decomposition of
-  the new activation feature ``f`` contributes exactly ``strength`` (0 ablates it).
+  the new activation feature ``f`` contributes exactly ``strength`` (0 ablates it). SAEs only:
+  a transcoder's ``a_f`` comes from another hook than the one edited.
 
 Strengths are in units of the feature's typical maximum activation (``units="max"``: its max
 over the saved analysis, so 1.0 means "as strongly as it ever fires") or absolute activation
@@ -42,11 +45,24 @@ CALIBRATION_TOKENS = 16_384
 """Tokens analysed to find features' max activations when a run has no saved analysis."""
 
 
+def check_mode(mode: str, hook: str, target_hook: str) -> None:
+    """Refuse an unknown mode, and clamp for a transcoder (``target_hook`` is not ``hook``):
+    its feature's activation is read at another hook than the one edited."""
+    require(mode in MODES, "mode", mode, f"use one of {MODES}")
+    require(
+        mode == "add" or target_hook == hook,
+        "mode",
+        mode,
+        "a transcoder's features are read at another hook than the one steered; use add",
+    )
+
+
 class SAESteering:
     """Generate text from ``model`` with features of ``sae`` (read at ``hook``) steered.
 
-    ``max_activations [d_sae]`` gives the scale of ``units="max"``; :meth:`from_run` reads it
-    from the run's saved analysis.
+    Edits go to ``target_hook``, the hook the dictionary reconstructs (a transcoder's output
+    hook; default ``hook``, an SAE's). ``max_activations [d_sae]`` gives the scale of
+    ``units="max"``; :meth:`from_run` reads it from the run's saved analysis.
     """
 
     def __init__(
@@ -56,8 +72,11 @@ class SAESteering:
         hook: str,
         max_activations: Tensor | None = None,
         prepend_bos: bool = True,
+        target_hook: str | None = None,
     ) -> None:
-        require(hook in model.hook_dict, "hook", hook, "the model has no such hook")
+        self.target_hook = target_hook or hook
+        for name in (hook, self.target_hook):
+            require(name in model.hook_dict, "hook", name, "the model has no such hook")
         self.model, self.sae, self.hook = model, sae.eval(), hook
         self.max_activations = max_activations
         self.prepend_bos = prepend_bos
@@ -90,7 +109,8 @@ class SAESteering:
             calibration = analyze(path, cfg, sae_name=sae_name, model=lm, device=device, save=False)
             max_acts = calibration.max_activation
         prepend_bos = bool(saved.metadata.get("prepend_bos", True))
-        return cls(lm, saved.load_sae(device), saved.hook, max_acts, prepend_bos)
+        sae = saved.load_sae(device)
+        return cls(lm, sae, saved.hook, max_acts, prepend_bos, saved.target_hook)
 
     # -- prompts -----------------------------------------------------------------------------
     def _encode(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
@@ -133,20 +153,20 @@ class SAESteering:
         return ids, values
 
     def _edit(self, ids: Tensor, values: Tensor, mode: str) -> Edit:
-        """The change steering makes to an activation ``[batch, pos, d_in]``.
+        """The change steering makes to an activation ``[batch, pos, d_out]`` at the target.
 
         ``values [batch, n]``: one row per prompt. The SAE may sit on another device than the
         model's layer (``--model-n-devices``): the clamp's encode runs on the SAE's device and
         the change moves to the activation's.
         """
-        directions = self.sae.W_dec[ids].float()  # [n, d_in]
+        directions = self.sae.W_dec[ids].float()  # [n, d_out]
         sae_device = directions.device
 
         def edit(act: Tensor) -> Tensor:
             coef = values[:, None, :]  # [batch, 1, n]
             if mode == "clamp":
                 coef = coef - self.sae.encode(act.to(sae_device))[..., ids].float()
-            return (coef @ directions).to(act.device)  # [batch, pos|1, d_in]
+            return (coef @ directions).to(act.device)  # [batch, pos|1, d_out]
 
         return edit
 
@@ -172,7 +192,7 @@ class SAESteering:
         tokens are sampled (``top_p`` nucleus) with torch's RNG seeded with ``seed`` inside a
         forked RNG state, so the caller's random stream is left as it was.
         """
-        require(mode in MODES, "mode", mode, f"use one of {MODES}")
+        check_mode(mode, self.hook, self.target_hook)
         require(temperature >= 0, "temperature", temperature, "use a value >= 0")
         require(max_new_tokens > 0, "max_new_tokens", max_new_tokens, "use a positive number")
         tokens, mask = self._encode(prompts)
@@ -191,7 +211,7 @@ class SAESteering:
                 tokens,
                 mask,
                 max_new_tokens,
-                hook=self.hook,
+                hook=self.target_hook,
                 edit=edit,
                 prompt_mask=keep,
                 temperature=temperature,

@@ -17,7 +17,15 @@ from drrik.errors import require
 from drrik.options import check_choices, split_legacy
 from drrik.settings import EnvironmentSettings, get_settings
 
-SWEEPABLE = ("k", "target_l0", "l1_coefficient", "expansion_factor", "d_sae", "architecture")
+SWEEPABLE = (
+    "k",
+    "target_l0",
+    "l1_coefficient",
+    "expansion_factor",
+    "d_sae",
+    "architecture",
+    "skip_connection",
+)
 
 
 def slot_name(hook: str, setting: dict[str, str], several_hooks: bool) -> str:
@@ -151,7 +159,8 @@ class EvalConfig(Serializable):
     """A feature firing on more than this fraction of tokens counts as dense."""
     eval_together: bool = False
     """At the end, also evaluate every dictionary spliced in during one forward pass (a
-    transcoder per layer as a replacement model), reported as spliced_together."""
+    transcoder per layer as a replacement model), reported as spliced_together (one per
+    sweep setting)."""
 
     def __post_init__(self) -> None:
         require(self.eval_every_tokens >= 0, "eval_every_tokens", self.eval_every_tokens, ">= 0")

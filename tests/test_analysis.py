@@ -13,11 +13,13 @@ from drrik.analysis import (
     AnalysisResults,
     FeatureAnalyzer,
     analyze,
+    logit_effects,
     sample_priority,
 )
 from drrik.cli import main
 from drrik.data import SpecialTokens
 from drrik.model import run_hooks
+from drrik.sae import SAE, SAEConfig, build_sae
 from drrik.saved import SavedSAE
 
 N_CONTEXTS, LENGTH = 10, 24
@@ -175,3 +177,14 @@ def test_locate_refuses_what_is_not_an_sae(tmp_path: Path):
 
     with pytest.raises(ConfigError, match="expected a run directory"):
         SavedSAE.locate(tmp_path)
+
+
+def test_logit_effects_follow_the_decoder_width(tiny_model):
+    """Decoder rows live in the output's space: a transcoder writing the residual stream has
+    logit effects, one writing MLP neurons (128 wide here) has none, whatever its input."""
+
+    def transcoder(d_in: int, d_out: int) -> SAE:
+        return build_sae(SAEConfig(d_in=d_in, d_out=d_out, d_sae=8, apply_b_dec_to_input=False))
+
+    assert logit_effects(tiny_model, transcoder(64, 128), 3) == {}
+    assert logit_effects(tiny_model, transcoder(128, 64), 3)["logit_pos"].shape == (8, 3)

@@ -118,15 +118,16 @@ def train_args(model_dir: Path, dataset: Path, out: Path, *extra: str) -> list[s
     ]
 
 
-def final_tensors(run: Path) -> dict[str, torch.Tensor]:
-    """The saved SAE's weights and feature sparsity."""
-    tensors = load_file(str(run / "final" / "sae_weights.safetensors"))
-    tensors["sparsity"] = load_file(str(run / "final" / "sparsity.safetensors"))["sparsity"]
+def final_tensors(run: Path, name: str = "") -> dict[str, torch.Tensor]:
+    """The saved SAE's weights and feature sparsity (``name``: one of a run's several)."""
+    final = run / "final" / name
+    tensors = load_file(str(final / "sae_weights.safetensors"))
+    tensors["sparsity"] = load_file(str(final / "sparsity.safetensors"))["sparsity"]
     return tensors
 
 
-def assert_same_final(run: Path, reference: Path) -> None:
-    got, want = final_tensors(run), final_tensors(reference)
+def assert_same_final(run: Path, reference: Path, name: str = "") -> None:
+    got, want = final_tensors(run, name), final_tensors(reference, name)
     assert got.keys() == want.keys()
     for name in want:
         assert torch.equal(got[name], want[name]), f"{name} differs from the uninterrupted run"
@@ -206,6 +207,12 @@ KILL_CASES: dict[str, tuple[str | None, str]] = {
     "anywhere-unpaused": (None, "resume"),
 }
 SIGNAL_CASES = {"sigterm": "metrics:10", "second-signal": "metrics:14"}
+TRANSCODER_CASE = "skip-transcoders-between-checkpoints"
+TRANSCODERS = (
+    *("--hook", "blocks.{layer}.mlp.hook_in", "--target-hook", "blocks.{layer}.hook_mlp_out"),
+    *("--layers", "0", "1", "--skip-connection", "true"),
+)
+"""Flags that turn the run into a skip transcoder per layer (the last --hook wins)."""
 UNPAUSED_KILL_ROWS = 3
 
 
@@ -234,11 +241,16 @@ def launched(
     """Every subprocess of the module, started together; kill -9 cases are killed by threads."""
     runs: dict[str, Launched] = {}
     threads = []
-    pauses = {**{name: pause for name, (pause, _) in KILL_CASES.items()}, **SIGNAL_CASES}
+    pauses = {
+        **{name: pause for name, (pause, _) in KILL_CASES.items()},
+        TRANSCODER_CASE: "metrics:6",
+        **SIGNAL_CASES,
+    }
     for name, pause in pauses.items():
         root = tmp_path_factory.mktemp(name)
         marker = root / "marker"
-        args = train_args(tiny_model_dir, dataset_file, root / "run")
+        extra = TRANSCODERS if name == TRANSCODER_CASE else ()
+        args = train_args(tiny_model_dir, dataset_file, root / "run", *extra)
         if pause is None:
             cmd = [sys.executable, "-m", "drrik", *args]
         else:
@@ -252,7 +264,7 @@ def launched(
         with open(root / "stdout", "wb") as out, open(root / "stderr", "wb") as err:
             proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
         runs[name] = Launched(proc, args, root / "run", marker, root)
-        if name in KILL_CASES:
+        if name in KILL_CASES or name == TRANSCODER_CASE:
             killer = threading.Thread(target=_kill_when_ready, args=(runs[name], bool(pause)))
             threads.append(killer)
             killer.start()
@@ -306,6 +318,29 @@ def test_kill_9_then_resume_gives_identical_weights_and_metrics(
     assert_same_final(out, reference)
     assert metric_rows(out) == metric_rows(reference)
     assert not list((out / "checkpoints").glob(".*")), "a temporary checkpoint was left"
+
+
+def test_kill_9_of_a_skip_transcoder_set_resumes_to_identical_weights(
+    launched: dict[str, Launched],
+    tiny_model_dir: Path,
+    dataset_file: Path,
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Both scales, W_skip and the target-initialized b_dec of each layer resume exactly."""
+    run = launched[TRANSCODER_CASE]
+    run.proc.wait(timeout=WAIT_S)
+    assert run.proc.returncode == -signal.SIGKILL, run.stderr()
+    assert checkpoint_steps(run.out) == [4] and metric_rows(run.out)[-1][1] == 6
+    code, err = run_cli(["train", "--resume", str(run.out)], capfd, caplog)
+    assert code == 0, err
+    reference = tmp_path / "reference"
+    assert main(train_args(tiny_model_dir, dataset_file, reference, *TRANSCODERS)) == 0
+    for name in ("blocks.0.mlp.hook_in", "blocks.1.mlp.hook_in"):
+        assert "W_skip" in final_tensors(reference, name)
+        assert_same_final(run.out, reference, name)
+    assert metric_rows(run.out) == metric_rows(reference)
 
 
 def test_sigterm_checkpoints_exits_143_and_resumes_exactly(

@@ -79,8 +79,9 @@ def _single(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=WAIT_S)
 
 
-def _weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run / "final" / "sae_weights.safetensors"))
+def _weights(run: Path, name: str = "") -> dict[str, torch.Tensor]:
+    """The saved weights of ``run``'s dictionary (``name``: one of several)."""
+    return load_file(str(run / "final" / name / "sae_weights.safetensors"))
 
 
 def _assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -106,6 +107,32 @@ def test_two_processes_train_the_same_sae_as_one(runs: tuple[Path, Path]) -> Non
     one, two = runs
     _assert_close(_weights(one), _weights(two))
     assert not torch.equal(_weights(two)["W_dec"], torch.zeros_like(_weights(two)["W_dec"]))
+
+
+TRANSCODERS = (
+    "--hook", "blocks.{layer}.mlp.hook_in",
+    "--target-hook", "blocks.{layer}.hook_mlp_out",
+    "--layers", "0", "1",
+    "--skip-connection", "true",
+    "--training-tokens", "2560",  # 10 steps of the global batch: enough to compare
+)  # fmt: skip
+
+
+def test_two_processes_train_the_same_skip_transcoders_as_one(
+    tiny_model_dir: Path, corpus_dir: Path, tmp_path: Path
+) -> None:
+    """Each input and target scale, b_dec (from the target) and W_skip agree across ranks."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    pair = _torchrun(_args(tiny_model_dir, corpus_dir, two, *TRANSCODERS), stdout=subprocess.PIPE,
+                     stderr=subprocess.STDOUT)  # fmt: skip
+    single = _single(_args(tiny_model_dir, corpus_dir, one, *TRANSCODERS, "--data-shards", "2"))
+    output, _ = pair.communicate(timeout=WAIT_S)
+    assert single.returncode == 0, single.stderr[-2000:]
+    assert pair.returncode == 0, output[-3000:]
+    for layer in (0, 1):
+        name = f"blocks.{layer}.mlp.hook_in"
+        assert "W_skip" in _weights(two, name)
+        _assert_close(_weights(one, name), _weights(two, name))
 
 
 def test_only_rank_zero_writes(runs: tuple[Path, Path]) -> None:

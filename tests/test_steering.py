@@ -10,7 +10,7 @@ from saved_sae import HOOK, make_run, sparse_sae, text_file
 from drrik.cli import main
 from drrik.errors import ConfigError
 from drrik.model import load_model
-from drrik.sae import SAEConfig, build_sae
+from drrik.sae import SAEConfig, build_sae, save_sae
 from drrik.steering import SAESteering
 
 PROMPTS = ["The capital of France is", "def main():\n    return", "Hello"]
@@ -131,3 +131,43 @@ def test_cmd_steer(tiny_model, tiny_model_dir, tmp_path, capsys):
     assert out.count("baseline:") == 2 and out.count("steered:") == 2
     assert main(["steer", *argv, "--find"]) == 0
     assert "'feature':" in capsys.readouterr().out
+
+
+def test_a_transcoder_steers_at_its_target_hook(
+    tiny_model, tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+    """A transcoder's decoder row lives in its target's space: ``add`` puts it at
+    ``hook_name_out`` (the MLP's output), so block 1's output moves by exactly strength x
+    W_dec[f], and clamp (whose feature is read at another hook) is refused."""
+    tc_in, tc_out = "blocks.1.mlp.hook_in", "blocks.1.hook_mlp_out"
+    tc = build_sae(SAEConfig(d_in=tiny_model.cfg.d_model, d_sae=8, skip_connection=True))
+    metadata = {
+        "model_name": str(tiny_model_dir),
+        "hook_name": tc_in,
+        "hook_name_out": tc_out,
+        "context_size": 32,
+        "dataset_path": str(text_file(tmp_path / "d.txt", paragraphs=40)),
+    }
+    save_sae(tc, tmp_path / "tc", metadata=metadata)
+    steering = SAESteering.from_run(tmp_path / "tc", model=tiny_model)
+    assert (steering.hook, steering.target_hook) == (tc_in, tc_out)
+    outputs: list[torch.Tensor] = []
+    block = tiny_model.blocks[1].original_component
+    handle = block.register_forward_hook(
+        lambda _, __, out: outputs.append((out[0] if isinstance(out, tuple) else out).clone())
+    )
+    try:
+        for strength in (0.0, 3.0):
+            steering.generate(PROMPTS[0], 2, strength, units="absolute", max_new_tokens=1)
+    finally:
+        handle.remove()
+    moved = (outputs[1] - outputs[0])[0]  # [pos, d_model]; BOS (position 0) is left alone
+    torch.testing.assert_close(moved[0], torch.zeros_like(moved[0]))
+    expected = (3.0 * tc.W_dec[2]).detach().expand_as(moved[1:])
+    torch.testing.assert_close(moved[1:], expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ConfigError, match="mode"):
+        steering.generate(PROMPTS[0], 2, 1.0, mode="clamp", units="absolute")
+    monkeypatch.setattr(SAESteering, "from_run", None)  # refused before any model loads
+    argv = [str(tmp_path / "tc"), "--prompt", "a", "--feature", "2", "--mode", "clamp"]
+    assert main(["steer", *argv]) == 2
+    assert "mode='clamp'" in capsys.readouterr().err

@@ -82,7 +82,7 @@ def run_config(out: Path, model_dir: Path, **sections: dict[str, Any]) -> RunCon
     )
 
 
-def fit(cfg: RunConfig, model: Any, dataset: Dataset) -> tuple[Run, dict[str, Any]]:
+def fit(cfg: RunConfig, model: Any, dataset: Dataset | None) -> tuple[Run, dict[str, Any]]:
     run = assemble(cfg, model=model, dataset=dataset, verbose=False)
     return run, train_run(run)
 

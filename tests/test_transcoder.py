@@ -25,6 +25,7 @@ from drrik.learner import Learner
 from drrik.run_dir import RunDir
 from drrik.sae import SAE, SAEConfig, build_sae, resample_dead_features
 from drrik.sae.spec import DictionarySpec
+from drrik.saved import SavedSAE, evaluate_saved
 from drrik.topk_jumprelu import HeldOut, jumprelu_form
 
 __all__ = ["one_thread"]  # the autouse fixture: one torch thread here too
@@ -226,19 +227,25 @@ def final_tokens(metrics: dict[str, dict[str, float]]) -> int:
 
 
 def test_every_layer_from_one_stream(
-    tiny_model: Any, tiny_model_dir: Path, docs: Dataset, tmp_path: Path
+    tiny_model: Any, tiny_model_dir: Path, dataset_file: Path, tmp_path: Path
 ) -> None:
     model = {
         "hook": ["blocks.{layer}.mlp.hook_in"],
         "target_hook": ["blocks.{layer}.hook_mlp_out"],
         "layers": ["all"],
     }
-    cfg = run_config(tmp_path / "run", tiny_model_dir, model=model, eval={"eval_together": True})
+    cfg = run_config(
+        tmp_path / "run",
+        tiny_model_dir,
+        model=model,
+        data={"dataset": str(dataset_file)},  # a file: drrik eval reads its held-out rows too
+        eval={"eval_together": True},
+    )
     n_layers = tiny_model.cfg.n_layers
     specs = cfg.dictionaries(n_layers)
     assert [s.name for s in specs] == [f"blocks.{n}.mlp.hook_in" for n in range(n_layers)]
     assert [s.target_hook for s in specs] == [f"blocks.{n}.hook_mlp_out" for n in range(n_layers)]
-    run, metrics = fit(cfg, tiny_model, docs)
+    run, metrics = fit(cfg, tiny_model, None)
     assert set(metrics) == {s.name for s in specs} | {SPLICED_TOGETHER}
     for spec in specs:
         meta = json.loads((Path(cfg.out) / "final" / spec.name / "cfg.json").read_text())
@@ -262,6 +269,15 @@ def test_every_layer_from_one_stream(
     for key, value in alone.items():
         assert value == pytest.approx(metrics[one.name][key], rel=1e-4, abs=1e-6), key
     assert together["ce_loss_zero_ablated"] != alone["ce_loss_zero_ablated"]
+
+    # drrik eval of the run: every saved transcoder, and spliced_together as it was trained.
+    again = evaluate_saved(cfg.out, model=tiny_model, eval_contexts=cfg.eval.eval_contexts)
+    assert set(again) == set(metrics)
+    picked = SavedSAE.locate(Path(cfg.out) / "final" / specs[1].name)  # as --sae would pick it
+    assert (picked.run_dir, picked.name) == (Path(cfg.out), specs[1].name)
+    for name, values in again.items():
+        for key in values.keys() - {"l1"}:  # saved with unit decoder rows: features rescaled
+            assert values[key] == pytest.approx(metrics[name][key], rel=1e-4, abs=1e-6), (name, key)
 
 
 def test_checkpoint_keeps_the_target_scale_and_old_ones_load() -> None:
@@ -287,3 +303,32 @@ def test_resampling_points_decoder_rows_at_targets() -> None:
     torch.testing.assert_close(rows.norm(dim=1), torch.ones(3))
     unit_targets = y / y.norm(dim=1, keepdim=True)
     assert (rows @ unit_targets.T).amax(dim=1).min() > 1 - 1e-5  # each row is a drawn target
+
+
+def test_a_sweep_trains_plain_and_skip_transcoders_from_one_stream(
+    tiny_model: Any, tiny_model_dir: Path, dataset_file: Path, tmp_path: Path
+) -> None:
+    cfg = run_config(
+        tmp_path / "run",
+        tiny_model_dir,
+        model={"hook": [IN], "target_hook": [OUT]},
+        data={"dataset": str(dataset_file)},
+        trainer={"sweep": ["skip_connection=false,TRUE"], "training_tokens": BATCH * 4},
+        eval={"eval_together": True},
+    )
+    plain, skip = (f"skip_connection={v}" for v in ("false", "TRUE"))
+    assert [s.sae.skip_connection for s in cfg.dictionaries()] == [False, True]
+    run, metrics = fit(cfg, tiny_model, None)
+    assert len(run.stores) == 1 and run.progress.tokens == BATCH * 4  # every step fed both
+    final = Path(cfg.out) / "final"
+    assert "W_skip" not in load_file(str(final / plain / "sae_weights.safetensors"))
+    assert "W_skip" in load_file(str(final / skip / "sae_weights.safetensors"))
+    # Spliced in together per sweep setting: the two write the same hook, so never at once.
+    together = [f"{SPLICED_TOGETHER}__{name}" for name in (plain, skip)]
+    assert set(metrics) == {plain, skip, *together}
+    for name in together:
+        saved = json.loads((final / f"{name}.json").read_text())
+        assert saved == metrics[name] and saved["kl_div_with_sae"] > 0
+    again = evaluate_saved(cfg.out, model=tiny_model, eval_contexts=cfg.eval.eval_contexts)
+    for name in together:
+        assert again[name] == pytest.approx(metrics[name], rel=1e-4, abs=1e-6)

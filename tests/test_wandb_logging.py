@@ -6,15 +6,20 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from datasets import Dataset
 from PIL import Image
+from test_trainer import BATCH, fit, one_thread, run_config
 from wandb_reader import finished_records, history, run_files
 
 from drrik.errors import ConfigError
 from drrik.settings import EnvironmentSettings
 from drrik.wandb_logging import WandbConfig, WandbLogger, rows_to_metrics
+
+__all__ = ["one_thread"]  # the autouse fixture: one torch thread here too
 
 ROWS = [
     {"step": 10, "tokens": 4096, "tokens_per_second": 900.0, "sae": "k=16", "loss": 0.5, "l0": 16},
@@ -144,3 +149,29 @@ def test_offline_run_records_metrics_and_resumes_the_same_run(wandb_home: Path) 
     second = next(f for f in files if f != first)
     (resumed_row,) = history(second)  # a new session's file, named by the same run id
     assert resumed_row["_step"] == 12288 and resumed_row["loss"] == 0.0625
+
+
+def test_a_transcoder_set_logs_each_transcoder_under_its_name(
+    wandb_home: Path, tiny_model: Any, tiny_model_dir: Path, docs: Dataset
+) -> None:
+    """Training curves and final held-out metrics of every transcoder, and the metrics of all
+    of them spliced in together, each under its own name."""
+    cfg = run_config(
+        wandb_home / "run",
+        tiny_model_dir,
+        model={
+            "hook": ["blocks.{layer}.mlp.hook_in"],
+            "target_hook": ["blocks.{layer}.hook_mlp_out"],
+            "layers": ["0", "1"],
+        },
+        sae={"skip_connection": True},
+        trainer={"training_tokens": BATCH * 4},
+        eval={"eval_together": True},
+    )
+    cfg.wandb = WandbConfig(wandb_mode="offline")
+    fit(cfg, tiny_model, docs)
+    (data,) = run_files(wandb_home / "run")
+    keys = {key for row in history(data) for key in row}
+    for name in ("blocks.0.mlp.hook_in", "blocks.1.mlp.hook_in"):
+        assert {f"{name}/loss", f"{name}/eval/explained_variance", f"{name}/eval/fvu"} <= keys
+    assert "spliced_together/eval/ce_loss_recovered" in keys

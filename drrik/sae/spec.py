@@ -21,6 +21,9 @@ class DictionarySpec:
     reads: tuple[str, ...]
     writes: tuple[str, ...]
     sae: SAEConfig
+    setting: str = ""
+    """Its sweep setting (``k=8__skip_connection=true``), empty without a sweep: the
+    dictionaries of one setting are the ones spliced in together (``--eval-together``)."""
 
     @property
     def input_hook(self) -> str:
