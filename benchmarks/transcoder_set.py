@@ -217,7 +217,7 @@ def table(r: dict[str, Any]) -> str:
         "",
         "| measured | tokens/s |",
         "|---|---:|",
-        f"| forward to the last hook (full depth for all layers), alone | {rates['forward']:,.0f} |",
+        f"| forward to the last hook, alone | {rates['forward']:,.0f} |",
         f"| {r['dictionaries']} transcoder steps, alone | {rates['steps']:,.0f} |",
         f"| the loop (drrik train, defaults) | {loop['loop_tokens_per_s']:,.0f} |",
         "",
