@@ -175,12 +175,12 @@ def _put(acts: torch.Tensor, kept: torch.Tensor, values: torch.Tensor) -> torch.
     return out
 
 
-Record = Callable[[EvalTarget, torch.Tensor, torch.Tensor, torch.Tensor], None]
+_Record = Callable[[EvalTarget, torch.Tensor, torch.Tensor, torch.Tensor], None]
 """Receives (dictionary, its kept target activations, feature activations, reconstruction)."""
 
 
 def _splice_hooks(
-    targets: list[EvalTarget], keep: torch.Tensor, record: Record | None = None
+    targets: list[EvalTarget], keep: torch.Tensor, record: _Record | None = None
 ) -> list[tuple[str, Any]]:
     """Hooks that capture each dictionary's input as it flows in this forward pass and replace
     its target hook with its output (an SAE captures and replaces the same hook), handing
@@ -218,11 +218,21 @@ def _zero_at(keep: torch.Tensor) -> Any:
 class _Batch:
     """One batch of contexts' baselines, which depend only on the model and the contexts."""
 
+    tokens: torch.Tensor
     ce_clean: float
     logits: torch.Tensor | None
     """Its clean logits, kept while the cache's byte budget allows (else recomputed)."""
     ce_ablated: dict[tuple[str, ...], float] = field(default_factory=dict)
     """Summed CE with the kept positions of these target hooks zeroed, per set of hooks."""
+
+    def ablated(self, model: Any, keep: torch.Tensor, hooks: list[str]) -> float:
+        """Summed CE with ``hooks`` zeroed at the ``keep`` positions, computed at most once per
+        set of hooks."""
+        key = tuple(sorted(hooks))
+        if key not in self.ce_ablated:
+            zeroed = model.run_with_hooks(self.tokens, fwd_hooks=[(h, _zero_at(keep)) for h in key])
+            self.ce_ablated[key] = _ce_and_kl(zeroed, self.tokens[:, 1:], None)[0]
+        return self.ce_ablated[key]
 
 
 @dataclass
@@ -240,6 +250,8 @@ class Baselines:
         """Batch ``index``'s baselines and its clean next-token log-probabilities (one forward
         pass unless its logits are cached)."""
         batch = self.batches[index] if index < len(self.batches) else None
+        if batch is not None and not torch.equal(batch.tokens, tokens):
+            raise ValueError("these baselines were computed on other contexts")
         logits = batch.logits if batch is not None else None
         if logits is None:
             logits = model.run_with_hooks(tokens, fwd_hooks=[])
@@ -247,22 +259,10 @@ class Baselines:
         if batch is None:
             size = logits.numel() * logits.element_size()
             cached = sum(b.logits.nbytes for b in self.batches if b.logits is not None)
-            keep = logits if cached + size <= self.cache_bytes else None
-            batch = _Batch(float(_nll(log_probs, tokens[:, 1:])), keep)
+            kept = logits if cached + size <= self.cache_bytes else None
+            batch = _Batch(tokens, float(_nll(log_probs, tokens[:, 1:])), kept)
             self.batches.append(batch)
         return batch, log_probs
-
-    @staticmethod
-    def ablated(
-        model: Any, batch: _Batch, tokens: torch.Tensor, keep: torch.Tensor, hooks: list[str]
-    ) -> float:
-        """The batch's summed CE with ``hooks`` zeroed at the ``keep`` positions, computed at
-        most once per set of hooks."""
-        key = tuple(sorted(hooks))
-        if key not in batch.ce_ablated:
-            zeroed = model.run_with_hooks(tokens, fwd_hooks=[(h, _zero_at(keep)) for h in key])
-            batch.ce_ablated[key] = _ce_and_kl(zeroed, tokens[:, 1:], None)[0]
-        return batch.ce_ablated[key]
 
 
 @torch.no_grad()
@@ -301,7 +301,7 @@ def evaluate_together(
         ce, divergence = _ce_and_kl(spliced, tokens[:, 1:], clean)
         ce_with, kl = ce_with + ce, kl + divergence
         del spliced, clean
-        ce_zero += baselines.ablated(model, batch, tokens, keep, writes)
+        ce_zero += batch.ablated(model, keep, writes)
     n = max(positions, 1)
     clean, with_saes, zero = ce_clean / n, ce_with / n, ce_zero / n
     return {
@@ -355,7 +355,7 @@ def evaluate(
             del with_sae
             s.ce_sae += ce
             s.kl += kl
-            s.ce_ablated += baselines.ablated(model, batch, tokens, keep, [target.target_hook])
+            s.ce_ablated += batch.ablated(model, keep, [target.target_hook])
         del clean_log_probs
     return _finish(sums, ce_clean, positions, dense_threshold)
 
@@ -396,6 +396,7 @@ class Evaluator:
 
     @contextlib.contextmanager
     def _timed(self) -> Iterator[None]:
+        """Adds the block's wall time to ``seconds``."""
         start = time.perf_counter()
         try:
             yield

@@ -316,3 +316,13 @@ def test_a_run_computes_its_baselines_once(
     assert second == first
     assert {k: together[k] for k in together} == {k: first["tc"][k] for k in together}
     assert evaluator.seconds > 0
+
+
+def test_baselines_refuse_other_contexts(
+    tiny_model: Any, contexts: list[torch.Tensor], exclude: torch.Tensor
+) -> None:
+    baselines = Baselines()
+    targets = [EvalTarget("a", HOOK, relu_sae(16))]
+    evaluate(tiny_model, targets, contexts[:1], exclude, baselines=baselines)
+    with pytest.raises(ValueError, match="other contexts"):
+        evaluate(tiny_model, targets, contexts[1:], exclude, baselines=baselines)
