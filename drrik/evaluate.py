@@ -220,8 +220,9 @@ class _Batch:
 
     tokens: torch.Tensor
     ce_clean: float
-    logits: torch.Tensor | None
-    """Its clean logits, kept while the cache's byte budget allows (else recomputed)."""
+    log_probs: torch.Tensor | None
+    """Its clean next-token log-probabilities, kept while the cache's byte budget allows (else
+    recomputed): kept as used, so a batch never holds them twice."""
     ce_ablated: dict[tuple[str, ...], float] = field(default_factory=dict)
     """Summed CE with the kept positions of these target hooks zeroed, per set of hooks."""
 
@@ -240,7 +241,8 @@ class Baselines:
     """The clean and zero-ablated baselines of a fixed list of context batches, each computed
     once and reused by every later evaluation on those batches (a run's periodic and final
     ones): the zero-ablated CE per target hook (shared by a sweep's dictionaries) and the clean
-    CE always, the clean logits of as many batches as ``cache_bytes`` holds. Not saved in
+    CE always, the clean log-probabilities of as many batches as ``cache_bytes`` holds (float32,
+    batch x context x vocabulary: 400 MB for 16 x 128 SmolLM2 contexts). Not saved in
     checkpoints: a resumed run computes them again at its first evaluation."""
 
     cache_bytes: int = 256 * 2**20
@@ -248,18 +250,16 @@ class Baselines:
 
     def clean(self, model: Any, index: int, tokens: torch.Tensor) -> tuple[_Batch, torch.Tensor]:
         """Batch ``index``'s baselines and its clean next-token log-probabilities (one forward
-        pass unless its logits are cached)."""
+        pass unless they are cached)."""
         batch = self.batches[index] if index < len(self.batches) else None
         if batch is not None and not torch.equal(batch.tokens, tokens):
             raise ValueError("these baselines were computed on other contexts")
-        logits = batch.logits if batch is not None else None
-        if logits is None:
-            logits = model.run_with_hooks(tokens, fwd_hooks=[])
-        log_probs = _clean_log_probs(logits)
+        log_probs = batch.log_probs if batch is not None else None
+        if log_probs is None:
+            log_probs = _clean_log_probs(model.run_with_hooks(tokens, fwd_hooks=[]))
         if batch is None:
-            size = logits.numel() * logits.element_size()
-            cached = sum(b.logits.nbytes for b in self.batches if b.logits is not None)
-            kept = logits if cached + size <= self.cache_bytes else None
+            cached = sum(b.log_probs.nbytes for b in self.batches if b.log_probs is not None)
+            kept = log_probs if cached + log_probs.nbytes <= self.cache_bytes else None
             batch = _Batch(tokens, float(_nll(log_probs, tokens[:, 1:])), kept)
             self.batches.append(batch)
         return batch, log_probs
@@ -287,7 +287,7 @@ def evaluate_together(
         writes,
         "dictionaries evaluated together must write different hooks",
     )
-    baselines = Baselines() if baselines is None else baselines
+    baselines = Baselines(cache_bytes=0) if baselines is None else baselines  # one-off
     device = next(model.parameters()).device
     ce_clean = ce_with = ce_zero = kl = 0.0
     positions = 0
@@ -324,7 +324,7 @@ def evaluate(
 ) -> tuple[dict[str, dict[str, float]], dict[str, torch.Tensor]]:
     """Metrics per SAE name, and each SAE's feature density, over batches of ``contexts``.
 
-    Per batch: one clean pass (none when its logits are cached in ``baselines``), one
+    Per batch: one clean pass (none when ``baselines`` hold its log-probabilities), one
     zero-ablated pass per target hook not yet in ``baselines``, and one spliced pass per
     dictionary, whose hooks also read the activations the reconstruction metrics need.
 
@@ -332,7 +332,7 @@ def evaluate(
     (``--model-n-devices``), a hook's activations sit on its layer's GPU, the logits on the
     last one and each SAE on its own device.
     """
-    baselines = Baselines() if baselines is None else baselines
+    baselines = Baselines(cache_bytes=0) if baselines is None else baselines  # one-off
     device = next(model.parameters()).device
     sums = {t.name: _Sums(t.sae.d_sae) for t in targets}
 
