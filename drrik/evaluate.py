@@ -153,11 +153,11 @@ def _ce_and_kl(
     """
     ce = torch.zeros((), device=logits.device)
     kl = torch.zeros((), device=logits.device)
-    targets = next_tokens.to(logits.device)[..., None]
+    next_ids = next_tokens.to(logits.device)[..., None]
     for row in range(logits.shape[0]):
         z = logits[row, :-1].float()
         if clean_log_probs is None:
-            ce += (z.logsumexp(-1) - z.gather(-1, targets[row]).squeeze(-1)).sum()
+            ce += (z.logsumexp(-1) - z.gather(-1, next_ids[row]).squeeze(-1)).sum()
             continue
         log_probs = z.log_softmax(-1)
         del z
