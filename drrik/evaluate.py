@@ -24,8 +24,9 @@ the CE and KL metrics above with every dictionary spliced in during the same for
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -148,24 +149,25 @@ def _ce_and_kl(
 ) -> tuple[float, float]:
     """Summed next-token cross-entropy of ``logits``, and KL(clean || these) when given.
 
-    One context at a time: the float32 log-softmax of a whole ``[batch, ctx, vocab]`` batch is
-    gigabytes with a large vocabulary (16 x 1024 x 128k is 8 GiB per copy).
+    One context at a time: the float32 copy of a whole ``[batch, ctx, vocab]`` batch is
+    gigabytes with a large vocabulary (16 x 1024 x 128k is 8 GiB per copy). The loss alone is
+    logsumexp minus the target's logit, with no log-probabilities materialised.
     """
     ce = torch.zeros((), device=logits.device)
     kl = torch.zeros((), device=logits.device)
+    next_ids = next_tokens.to(logits.device)[..., None]
     for row in range(logits.shape[0]):
-        log_probs = logits[row, :-1].float().log_softmax(-1)
+        z = logits[row, :-1].float()
+        if clean_log_probs is None:
+            ce += (z.logsumexp(-1) - z.gather(-1, next_ids[row]).squeeze(-1)).sum()
+            continue
+        log_probs = z.log_softmax(-1)
+        del z
         ce += _nll(log_probs, next_tokens[row])
-        if clean_log_probs is not None:
-            # sum p (log p - log q) as one dot product: two row-sized temporaries, not four.
-            clean = clean_log_probs[row].to(log_probs.device).flatten()
-            kl += clean.exp().dot(clean - log_probs.flatten())
+        # sum p (log p - log q) as one dot product: two row-sized temporaries, not four.
+        clean = clean_log_probs[row].to(log_probs.device).flatten()
+        kl += clean.exp().dot(clean - log_probs.flatten())
     return float(ce), float(kl)
-
-
-def _replace(new: torch.Tensor) -> Any:
-    """A hook function that swaps the hooked activation for ``new``."""
-    return lambda act, hook: new
 
 
 def _put(acts: torch.Tensor, kept: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -175,9 +177,17 @@ def _put(acts: torch.Tensor, kept: torch.Tensor, values: torch.Tensor) -> torch.
     return out
 
 
-def _splice_hooks(targets: list[EvalTarget], keep: torch.Tensor) -> list[tuple[str, Any]]:
+_Record = Callable[[EvalTarget, torch.Tensor, torch.Tensor, torch.Tensor], None]
+"""Receives (dictionary, its kept target activations, feature activations, reconstruction)."""
+
+
+def _splice_hooks(
+    targets: list[EvalTarget], keep: torch.Tensor, record: _Record | None = None
+) -> list[tuple[str, Any]]:
     """Hooks that capture each dictionary's input as it flows in this forward pass and replace
-    its target hook with its output (an SAE captures and replaces the same hook)."""
+    its target hook with its output (an SAE captures and replaces the same hook), handing
+    ``record`` the clean target each dictionary reconstructed: the spliced pass sees every
+    activation a dictionary's reconstruction metrics need, so no pass is run for them."""
     inputs: dict[str, torch.Tensor] = {}
 
     def capture(target: EvalTarget) -> Any:
@@ -185,10 +195,16 @@ def _splice_hooks(targets: list[EvalTarget], keep: torch.Tensor) -> list[tuple[s
 
     def splice(target: EvalTarget) -> Any:
         def hook_fn(act: torch.Tensor, hook: Any) -> torch.Tensor:
-            x = inputs.pop(target.name)
             sae_device = next(target.sae.parameters()).device
-            _, out = target.reconstruct(x[keep.to(x.device)].to(sae_device))
-            return _put(act, keep.to(act.device), out)
+            x = inputs.pop(target.name)
+            x = x[keep.to(x.device)].to(sae_device)
+            feats, out = target.reconstruct(x)
+            kept = keep.to(act.device)
+            if record is not None:
+                # An SAE's target is its input: gather the kept positions once.
+                same = target.target_hook == target.hook
+                record(target, x if same else act[kept].to(sae_device), feats, out)
+            return _put(act, kept, out)
 
         return hook_fn
 
@@ -215,18 +231,71 @@ def spliced_groups(targets: list[EvalTarget], settings: list[str]) -> dict[str, 
     return groups
 
 
+@dataclass
+class _Batch:
+    """One batch of contexts' baselines, which depend only on the model and the contexts."""
+
+    tokens: torch.Tensor
+    ce_clean: float
+    log_probs: torch.Tensor | None
+    """Its clean next-token log-probabilities, kept while the cache's byte budget allows (else
+    recomputed): kept as used, so a batch never holds them twice."""
+    ce_ablated: dict[tuple[str, ...], float] = field(default_factory=dict)
+    """Summed CE with the kept positions of these target hooks zeroed, per set of hooks."""
+
+    def ablated(self, model: Any, keep: torch.Tensor, hooks: list[str]) -> float:
+        """Summed CE with ``hooks`` zeroed at the ``keep`` positions, computed at most once per
+        set of hooks."""
+        key = tuple(sorted(hooks))
+        if key not in self.ce_ablated:
+            zeroed = model.run_with_hooks(self.tokens, fwd_hooks=[(h, _zero_at(keep)) for h in key])
+            self.ce_ablated[key] = _ce_and_kl(zeroed, self.tokens[:, 1:], None)[0]
+        return self.ce_ablated[key]
+
+
+@dataclass
+class Baselines:
+    """The clean and zero-ablated baselines of a fixed list of context batches, each computed
+    once and reused by every later evaluation on those batches (a run's periodic and final
+    ones): the zero-ablated CE per target hook (shared by a sweep's dictionaries) and the clean
+    CE always, the clean log-probabilities of as many batches as ``cache_bytes`` holds (float32,
+    batch x context x vocabulary: 400 MB for 16 x 128 SmolLM2 contexts). Not saved in
+    checkpoints: a resumed run computes them again at its first evaluation."""
+
+    cache_bytes: int = 256 * 2**20
+    batches: list[_Batch] = field(default_factory=list)
+
+    def clean(self, model: Any, index: int, tokens: torch.Tensor) -> tuple[_Batch, torch.Tensor]:
+        """Batch ``index``'s baselines and its clean next-token log-probabilities (one forward
+        pass unless they are cached)."""
+        batch = self.batches[index] if index < len(self.batches) else None
+        if batch is not None and not torch.equal(batch.tokens, tokens):
+            raise ValueError("these baselines were computed on other contexts")
+        log_probs = batch.log_probs if batch is not None else None
+        if log_probs is None:
+            log_probs = _clean_log_probs(model.run_with_hooks(tokens, fwd_hooks=[]))
+        if batch is None:
+            cached = sum(b.log_probs.nbytes for b in self.batches if b.log_probs is not None)
+            kept = log_probs if cached + log_probs.nbytes <= self.cache_bytes else None
+            batch = _Batch(tokens, float(_nll(log_probs, tokens[:, 1:])), kept)
+            self.batches.append(batch)
+        return batch, log_probs
+
+
 @torch.no_grad()
 def evaluate_together(
     model: Any,
     targets: list[EvalTarget],
     contexts: Iterable[torch.Tensor],
     exclude_ids: torch.Tensor,
+    baselines: Baselines | None = None,
 ) -> dict[str, float]:
     """CE and KL metrics with every dictionary of ``targets`` spliced in at once.
 
     One forward pass replaces every target hook, each dictionary reading its input as it flows
     in that pass (downstream of earlier replacements, as a replacement model runs); the
-    baseline zero-ablates every target hook at once.
+    baseline zero-ablates every target hook at once. ``baselines``: those of earlier
+    evaluations on the same ``contexts``, reused and extended.
     """
     writes = [t.target_hook for t in targets]
     require(
@@ -235,22 +304,21 @@ def evaluate_together(
         writes,
         "dictionaries evaluated together must write different hooks",
     )
+    baselines = Baselines(cache_bytes=0) if baselines is None else baselines  # one-off
     device = next(model.parameters()).device
     ce_clean = ce_with = ce_zero = kl = 0.0
     positions = 0
-    for tokens in contexts:
+    for i, tokens in enumerate(contexts):
         tokens = tokens.to(device)
         keep = ~torch.isin(tokens, exclude_ids.to(device))
-        next_tokens = tokens[:, 1:]
-        clean = _clean_log_probs(model.run_with_hooks(tokens, fwd_hooks=[]))
-        ce_clean += float(_nll(clean, next_tokens))
-        positions += next_tokens.numel()
+        batch, clean = baselines.clean(model, i, tokens)
+        ce_clean += batch.ce_clean
+        positions += tokens[:, 1:].numel()
         spliced = model.run_with_hooks(tokens, fwd_hooks=_splice_hooks(targets, keep))
-        ce, divergence = _ce_and_kl(spliced, next_tokens, clean)
+        ce, divergence = _ce_and_kl(spliced, tokens[:, 1:], clean)
         ce_with, kl = ce_with + ce, kl + divergence
-        del spliced
-        zeroed = model.run_with_hooks(tokens, fwd_hooks=[(h, _zero_at(keep)) for h in writes])
-        ce_zero += _ce_and_kl(zeroed, next_tokens, None)[0]
+        del spliced, clean
+        ce_zero += batch.ablated(model, keep, writes)
     n = max(positions, 1)
     clean, with_saes, zero = ce_clean / n, ce_with / n, ce_zero / n
     return {
@@ -269,81 +337,88 @@ def evaluate(
     contexts: Iterable[torch.Tensor],
     exclude_ids: torch.Tensor,
     dense_threshold: float = 0.1,
+    baselines: Baselines | None = None,
 ) -> tuple[dict[str, dict[str, float]], dict[str, torch.Tensor]]:
     """Metrics per SAE name, and each SAE's feature density, over batches of ``contexts``.
+
+    Per batch: one clean pass (none when ``baselines`` hold its log-probabilities), one
+    zero-ablated pass per target hook not yet in ``baselines``, and one spliced pass per
+    dictionary, whose hooks also read the activations the reconstruction metrics need.
 
     Every tensor goes where it is used: with the model spread over GPUs
     (``--model-n-devices``), a hook's activations sit on its layer's GPU, the logits on the
     last one and each SAE on its own device.
     """
+    baselines = Baselines(cache_bytes=0) if baselines is None else baselines  # one-off
     device = next(model.parameters()).device
     sums = {t.name: _Sums(t.sae.d_sae) for t in targets}
-    hooks = sorted({h for t in targets for h in (t.hook, t.target_hook)})
+
+    def record(target: EvalTarget, y: torch.Tensor, feats: torch.Tensor, out: torch.Tensor) -> None:
+        sums[target.name].add(y, feats, out)
+
     ce_clean, positions = 0.0, 0
-    for tokens in contexts:
+    for i, tokens in enumerate(contexts):
         tokens = tokens.to(device)
         keep = ~torch.isin(tokens, exclude_ids.to(device))
         next_tokens = tokens[:, 1:]
-        logits, cache = model.run_with_cache(tokens, names_filter=hooks, return_cache_object=False)
-        clean_log_probs = _clean_log_probs(logits)
-        del logits
-        ce_clean += float(_nll(clean_log_probs, next_tokens))
+        batch, clean_log_probs = baselines.clean(model, i, tokens)
+        ce_clean += batch.ce_clean
         positions += next_tokens.numel()
         for target in targets:
-            sae_device = next(target.sae.parameters()).device
-            inputs, acts = cache[target.hook], cache[target.target_hook]
-            kept = keep.to(acts.device)
-            x = inputs[keep.to(inputs.device)].to(sae_device)
-            feats, x_hat = target.reconstruct(x)
             s = sums[target.name]
-            # An SAE's target is its input: gather the kept positions once.
-            s.add(
-                x if target.target_hook == target.hook else acts[kept].to(sae_device), feats, x_hat
-            )
-            spliced = _put(acts, kept, x_hat)
-            del feats, x_hat
-            with_sae = model.run_with_hooks(
-                tokens, fwd_hooks=[(target.target_hook, _replace(spliced))]
-            )
-            del spliced
+            hooks = _splice_hooks([target], keep, record)
+            with_sae = model.run_with_hooks(tokens, fwd_hooks=hooks)
             ce, kl = _ce_and_kl(with_sae, next_tokens, clean_log_probs)
+            del with_sae
             s.ce_sae += ce
             s.kl += kl
-            del with_sae
-            ablated = acts.clone()
-            ablated[kept] = 0
-            abl_logits = model.run_with_hooks(
-                tokens, fwd_hooks=[(target.target_hook, _replace(ablated))]
-            )
-            del ablated
-            s.ce_ablated += _ce_and_kl(abl_logits, next_tokens, None)[0]
-            del abl_logits
+            s.ce_ablated += batch.ablated(model, keep, [target.target_hook])
+        del clean_log_probs
     return _finish(sums, ce_clean, positions, dense_threshold)
 
 
 @dataclass
 class Evaluator:
-    """A run's held-out evaluation: the model, contexts fixed for the whole run, and the
-    token ids whose positions are not evaluated."""
+    """A run's held-out evaluation: the model, contexts fixed for the whole run, the token ids
+    whose positions are not evaluated, and the baselines every evaluation of the run shares."""
 
     model: Any
     contexts: list[torch.Tensor]
     exclude_ids: torch.Tensor
     dense_threshold: float = 0.1
+    baselines: Baselines = field(default_factory=Baselines)
+    seconds: float = 0.0
+    """Wall time spent evaluating so far, reported next to the run's."""
 
     def __call__(
         self, targets: list[EvalTarget]
     ) -> tuple[dict[str, dict[str, float]], dict[str, torch.Tensor]]:
         """:func:`evaluate` of ``targets``, their dictionaries in eval mode meanwhile."""
-        with _eval_mode(targets):
+        with _eval_mode(targets), self._timed():
             return evaluate(
-                self.model, targets, self.contexts, self.exclude_ids, self.dense_threshold
+                self.model,
+                targets,
+                self.contexts,
+                self.exclude_ids,
+                self.dense_threshold,
+                self.baselines,
             )
 
     def together(self, targets: list[EvalTarget]) -> dict[str, float]:
         """:func:`evaluate_together` of ``targets``, their dictionaries in eval mode meanwhile."""
-        with _eval_mode(targets):
-            return evaluate_together(self.model, targets, self.contexts, self.exclude_ids)
+        with _eval_mode(targets), self._timed():
+            return evaluate_together(
+                self.model, targets, self.contexts, self.exclude_ids, self.baselines
+            )
+
+    @contextlib.contextmanager
+    def _timed(self) -> Iterator[None]:
+        """Adds the block's wall time to ``seconds``."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds += time.perf_counter() - start
 
 
 @contextlib.contextmanager

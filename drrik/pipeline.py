@@ -7,6 +7,7 @@ ended, and the wandb run is resumed, finished and given the exit code.
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from typing import Any
 
@@ -52,6 +53,7 @@ def train(
 
 def train_run(run: Run) -> Metrics:
     """Train an assembled run to its budget, evaluate and export it, and close it."""
+    start = time.perf_counter()
     try:
         logger = open_logger(run)
         run.heartbeat("running")
@@ -77,6 +79,11 @@ def train_run(run: Run) -> Metrics:
                     metrics |= together
                 logger.log_rows(final_rows(metrics, run.progress.tokens))
                 if run.verbose:
+                    # Evaluation is full-depth passes over the vocabulary: say what it cost.
+                    log.info(
+                        f"held-out evaluation took {run.evaluator.seconds:.1f} s of the "
+                        f"{time.perf_counter() - start:.1f} s spent training and evaluating"
+                    )
                     log.info(f"saved to {run.run_dir.final_path.resolve()}")
         except TrainingStopped as exc:
             run.heartbeat("stopped")

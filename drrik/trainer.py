@@ -185,9 +185,12 @@ class Trainer:
         run = self.run
         assert run.evaluator is not None, "rank 0 holds the evaluator"
         run.heartbeat("running")  # an evaluation can outlast the stale limit
+        start = self.clock()
         metrics, densities = run.evaluator([learner.eval_target() for learner in run.learners])
+        seconds = self.clock() - start  # of every dictionary's evaluation, next to elapsed_s
         for row in rows:
             row.update({f"eval/{k}": v for k, v in metrics[row["sae"]].items()})
+            row["eval/seconds"] = seconds
             prefix = f"{row['sae']}/" if len(rows) > 1 else ""
             density = torch.log10(densities[row["sae"]] + 1e-10)
             self.logger.log_histogram(

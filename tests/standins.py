@@ -167,12 +167,13 @@ class VirtualDevices(TorchFunctionMode):
         self.is_paused = False
 
     @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        self.is_paused = True
+    def paused(self, paused: bool = True) -> Iterator[None]:
+        """Plain CPU code meanwhile (``paused=False``: pretend GPUs again, e.g. in a hook)."""
+        before, self.is_paused = self.is_paused, paused
         try:
             yield
         finally:
-            self.is_paused = False
+            self.is_paused = before
 
     def __torch_function__(
         self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
@@ -263,9 +264,13 @@ class SpreadModel:
         self._check_input(tokens)
 
         def on_layer(fn: Callable) -> Callable:
+            """The hook sees its activation on the layer's device, as in the spread model."""
+
             def hook(act: torch.Tensor, hook: Any) -> torch.Tensor:
-                new = fn(act, hook)
-                assert vdev(new) == self.layer, f"a replacement on {vdev(new)}, not the layer's"
+                with self.mode.paused(False):
+                    new = fn(place(act, self.layer), hook)
+                if new is not None:  # None: a hook that only reads
+                    assert vdev(new) == self.layer, f"a replacement on {vdev(new)}, not the layer's"
                 return new
 
             return hook

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from drrik.evaluate import EvalTarget, evaluate
+from drrik.evaluate import Baselines, EvalTarget, Evaluator, evaluate
 from drrik.sae import SAE, SAEConfig, build_sae
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -190,3 +190,139 @@ def test_random_sae_metrics_match_their_definitions(
     recovered = (m["ce_loss_zero_ablated"] - m["ce_loss_with_sae"]) / gap
     assert m["ce_loss_recovered"] == pytest.approx(recovered, rel=1e-6)
     assert m["kl_div_with_sae"] > 0
+
+
+# ---- one pass each: the same metrics as the straightforward evaluation, and fewer passes --------
+
+MLP_IN, MLP_OUT = "blocks.2.mlp.hook_in", "blocks.2.hook_mlp_out"
+
+
+def reference(
+    model: Any, target: EvalTarget, contexts: list[torch.Tensor], exclude: torch.Tensor
+) -> dict[str, float]:
+    """One dictionary's metrics the straightforward way: a cached clean pass, then one pass
+    with its reconstruction spliced in and one with its target hook zeroed, full log-softmaxes
+    (CE recovered is a ratio of these, checked against its definition above)."""
+    sums = dict.fromkeys(("clean", "with", "zero", "kl", "sq", "var", "l0", "n"), 0.0)
+    ys = []
+    for tokens in contexts:
+        keep = ~torch.isin(tokens, exclude)
+        with torch.no_grad():
+            logits, cache = model.run_with_cache(tokens)
+            feats, out = target.reconstruct(cache[target.hook][keep])
+            y = cache[target.target_hook][keep].float()
+
+            def put(values: torch.Tensor, keep: torch.Tensor = keep) -> Any:
+                def hook_fn(act: torch.Tensor, hook: Any) -> torch.Tensor:
+                    act = act.clone()
+                    act[keep] = values
+                    return act
+
+                return hook_fn
+
+            spliced = model.run_with_hooks(tokens, fwd_hooks=[(target.target_hook, put(out))])
+            zeroed = model.run_with_hooks(tokens, fwd_hooks=[(target.target_hook, put(0 * out))])
+        nxt = tokens[:, 1:].flatten()
+        clean, with_sae, zero = (
+            t[:, :-1].flatten(0, 1).log_softmax(-1) for t in (logits, spliced, zeroed)
+        )
+        for key, lp in (("clean", clean), ("with", with_sae), ("zero", zero)):
+            sums[key] += float(F.nll_loss(lp, nxt, reduction="sum"))
+        sums["kl"] += float(F.kl_div(with_sae, clean, log_target=True, reduction="sum"))
+        sums["sq"] += float((y - out).pow(2).sum())
+        sums["l0"] += float((feats > 0).sum())
+        sums["n"] += nxt.numel()
+        ys.append(y)
+    y = torch.cat(ys)
+    positions, tokens_kept = sums["n"], y.shape[0]
+    ce = {k: sums[k] / positions for k in ("clean", "with", "zero")}
+    return {
+        "ce_loss_clean": ce["clean"],
+        "ce_loss_with_sae": ce["with"],
+        "ce_loss_zero_ablated": ce["zero"],
+        "kl_div_with_sae": sums["kl"] / positions,
+        "explained_variance": 1 - sums["sq"] / float((y - y.mean(0)).pow(2).sum()),
+        "l0": sums["l0"] / tokens_kept,
+    }
+
+
+def sweep_and_transcoder() -> list[EvalTarget]:
+    """Three SAEs of a sweep on one hook (one of them scaled) and a skip transcoder."""
+    torch.manual_seed(5)
+    transcoder = build_sae(
+        SAEConfig(
+            architecture="relu",
+            d_in=D_IN,
+            d_out=D_IN,
+            d_sae=48,
+            skip_connection=True,
+            apply_b_dec_to_input=False,
+        )
+    ).eval()
+    with torch.no_grad():
+        transcoder.W_skip.normal_(std=0.05)
+    return [
+        EvalTarget("a", HOOK, relu_sae(96)),
+        EvalTarget("b", HOOK, relu_sae(32), 0.5),
+        EvalTarget("c", HOOK, identity_sae()),
+        EvalTarget("tc", MLP_IN, transcoder, 2.0, MLP_OUT, 3.0),
+    ]
+
+
+def test_metrics_match_the_straightforward_evaluation(
+    tiny_model: Any, contexts: list[torch.Tensor], exclude: torch.Tensor
+) -> None:
+    targets = sweep_and_transcoder()
+    metrics, _ = evaluate(tiny_model, targets, contexts, exclude)
+    for target in targets:
+        want = reference(tiny_model, target, contexts, exclude)
+        got = metrics[target.name]
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (target.name, key)
+
+
+def count_passes(model: Any) -> Any:
+    """A list that grows by one at every forward pass of ``model`` (its first block runs once
+    per pass)."""
+    passes: list[int] = []
+    handle = model.blocks[0].register_forward_hook(lambda *args: passes.append(1))
+    return passes, handle
+
+
+@pytest.mark.parametrize("cache_bytes", [2**30, 0])
+def test_a_run_computes_its_baselines_once(
+    tiny_model: Any, contexts: list[torch.Tensor], exclude: torch.Tensor, cache_bytes: int
+) -> None:
+    """Two periodic evaluations of a sweep on one hook and a transcoder: the zero-ablated pass
+    runs once per target hook and batch in the run, the clean pass once (its logits cached) or
+    at every evaluation (cache too small); the dictionaries' spliced passes at every one."""
+    targets = sweep_and_transcoder()
+    evaluator = Evaluator(tiny_model, contexts, exclude, baselines=Baselines(cache_bytes))
+    passes, handle = count_passes(tiny_model)
+    try:
+        first, _ = evaluator(targets)
+        n_first = len(passes)
+        second, _ = evaluator(targets)
+        n_second = len(passes) - n_first
+        together = evaluator.together(targets[-1:])
+        n_together = len(passes) - n_first - n_second
+    finally:
+        handle.remove()
+    batches, spliced = len(contexts), len(targets)
+    clean = 0 if cache_bytes else 1
+    assert n_first == batches * (1 + 2 + spliced), "clean, one ablation per target hook, splices"
+    assert n_second == batches * (clean + spliced)
+    assert n_together == batches * (clean + 1), "the transcoder's own ablation is reused"
+    assert second == first
+    assert {k: together[k] for k in together} == {k: first["tc"][k] for k in together}
+    assert evaluator.seconds > 0
+
+
+def test_baselines_refuse_other_contexts(
+    tiny_model: Any, contexts: list[torch.Tensor], exclude: torch.Tensor
+) -> None:
+    baselines = Baselines()
+    targets = [EvalTarget("a", HOOK, relu_sae(16))]
+    evaluate(tiny_model, targets, contexts[:1], exclude, baselines=baselines)
+    with pytest.raises(ValueError, match="other contexts"):
+        evaluate(tiny_model, targets, contexts[1:], exclude, baselines=baselines)

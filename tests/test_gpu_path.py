@@ -38,7 +38,7 @@ from drrik.assemble import assemble
 from drrik.config import RunConfig
 from drrik.distributed import Distributed
 from drrik.errors import ConfigError
-from drrik.evaluate import EvalTarget, evaluate
+from drrik.evaluate import EvalTarget, evaluate, evaluate_together
 from drrik.learner import Learner
 from drrik.mixing_buffer import MixingBuffer
 from drrik.pipeline import train, train_run
@@ -145,10 +145,14 @@ def test_evaluation_with_the_model_spread_over_gpus(tiny_model: Any) -> None:
         with mode:
             spread = SpreadModel(tiny_model, mode)
             got, densities = evaluate(spread, [EvalTarget("s", HOOK, sae, 2.0)], [tokens], exclude)
+            together = evaluate_together(
+                spread, [EvalTarget("s", HOOK, sae, 2.0)], [tokens], exclude
+            )
     finally:
         for tensor in [*sae.parameters(), *sae.buffers()]:
             place(tensor, None)
     assert got["s"] == pytest.approx(expected["s"], rel=1e-5)
+    assert together == pytest.approx({k: expected["s"][k] for k in together}, rel=1e-5)
     assert densities["s"].shape == (96,)
 
 

@@ -132,6 +132,28 @@ def test_training_learns(trained: Trained) -> None:
     assert after["kl_div_with_sae"] < before["untrained"]["kl_div_with_sae"]
 
 
+def test_a_run_computes_its_evaluation_baselines_once(
+    tiny_model: Any, tiny_model_dir: Path, docs: Dataset, tmp_path: Path
+) -> None:
+    """Two periodic evaluations and the final one: the clean and zero-ablated passes run at the
+    first only, the SAE's spliced pass at each. Training stops after its hook, so only
+    evaluation reaches the last block, whose calls count the evaluation's forward passes."""
+    passes: list[int] = []
+    handle = tiny_model.blocks[-1].register_forward_hook(lambda *args: passes.append(1))
+    try:
+        cfg = run_config(
+            tmp_path / "run",
+            tiny_model_dir,
+            trainer={"training_tokens": BATCH * 2 * EVAL_STEPS},
+            eval={"eval_every_tokens": BATCH * EVAL_STEPS},
+        )
+        run, _ = fit(cfg, tiny_model, docs)
+    finally:
+        handle.remove()
+    assert run.evaluator is not None and len(run.evaluator.contexts) == 1
+    assert len(passes) == 2 + 3, "clean and ablated once; spliced at steps 10, 20 and the end"
+
+
 def test_run_directory_has_config_metrics_and_final_sae(trained: Trained) -> None:
     out, cfg = trained.out, trained.cfg
     saved = yaml.safe_load((out / "config.yaml").read_text())
@@ -152,7 +174,9 @@ def test_run_directory_has_config_metrics_and_final_sae(trained: Trained) -> Non
         has_eval = row["step"] % EVAL_STEPS == 0
         assert ("eval/explained_variance" in row) == has_eval
         if has_eval:
-            assert {"eval/l0", "eval/ce_loss_recovered", "eval/kl_div_with_sae"} <= set(row)
+            keys = {"eval/l0", "eval/ce_loss_recovered", "eval/kl_div_with_sae", "eval/seconds"}
+            assert keys <= set(row)
+            assert row["eval/seconds"] > 0
 
     final = out / "final"
     for name in ("cfg.json", "sae_weights.safetensors", "sparsity.safetensors"):
