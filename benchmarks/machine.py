@@ -51,6 +51,15 @@ def machine_info(device: str) -> dict[str, Any]:
     return info
 
 
+def machine_line(m: dict[str, Any]) -> str:
+    """The line under a results table that names its machine (``machine_info``'s dict)."""
+    return (
+        f"{m['date']}; {m['cpu']}, {m['cores']} cores, load average {m['load_average_1min']}; "
+        f"torch {m['torch']}, transformers {m['transformers']}, "
+        f"transformer-lens {m['transformer-lens']}."
+    )
+
+
 def write_results(stem: str, result: dict[str, Any], markdown: str, out: Path = RESULTS) -> None:
     """Print the JSON and the table, and write both to ``out/stem.{json,md}``."""
     print(json.dumps(result, indent=2))

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import machine_info, write_results  # noqa: E402
+from machine import machine_info, machine_line, write_results  # noqa: E402
 
 import drrik  # noqa: E402
 from drrik.config import RunConfig, StoreConfig, TrainerConfig  # noqa: E402
@@ -104,9 +104,7 @@ def markdown(result: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        f"{m['date']}; {m['cpu']}, {m['cores']} cores, load average {m['load_average_1min']}; "
-        f"torch {m['torch']}, transformers {m['transformers']}, "
-        f"transformer-lens {m['transformer-lens']}.",
+        machine_line(m),
     ]
     return "\n".join(lines)
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import machine_info, write_results  # noqa: E402
+from machine import machine_info, machine_line, write_results  # noqa: E402
 
 IN, OUT = "blocks.{layer}.mlp.hook_in", "blocks.{layer}.hook_mlp_out"
 KINDS = ("SAE on the MLP output", "transcoder", "skip transcoder")
@@ -115,9 +115,7 @@ def table(r: dict[str, Any]) -> str:
             lines.append(f"| {layer} | {kind} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        f"{m['date']}; {m['cpu']}, {m['cores']} cores, load average {m['load_average_1min']}; "
-        f"torch {m['torch']}, transformers {m['transformers']}, "
-        f"transformer-lens {m['transformer-lens']}.",
+        machine_line(m),
     ]
     return "\n".join(lines) + "\n"
 

@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from floor import alternate, forward_fn  # noqa: E402
-from machine import machine_info, write_results  # noqa: E402
+from machine import machine_info, machine_line, write_results  # noqa: E402
 
 from drrik.assemble import assemble  # noqa: E402
 from drrik.config import (  # noqa: E402
@@ -240,9 +240,7 @@ def table(r: dict[str, Any]) -> str:
         + ", ".join(f"{v:.3f}" for v in loop["held_out_fvu"].values())
         + ".",
         "",
-        f"{m['date']}; {m['cpu']}, {m['cores']} cores, load average {m['load_average_1min']}; "
-        f"torch {m['torch']}, transformers {m['transformers']}, "
-        f"transformer-lens {m['transformer-lens']}.",
+        machine_line(m),
     ]
     return "\n".join(lines) + "\n"
 
