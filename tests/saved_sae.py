@@ -54,3 +54,19 @@ def make_run(run_dir: Path, model: Any, model_dir: Path, dataset: Path) -> Path:
     }
     save_sae(sparse_sae(model), run_dir / "final", metadata=metadata)
     return run_dir
+
+
+TC_IN, TC_OUT = "blocks.1.mlp.hook_in", "blocks.1.hook_mlp_out"
+
+
+def saved_transcoder(path: Path, model_dir: Path, sae: SAE, dataset: Path) -> Path:
+    """``sae`` saved at ``path`` as a transcoder of block 1's MLP (input hook -> output hook)."""
+    metadata = {
+        "model_name": str(model_dir),
+        "hook_name": TC_IN,
+        "hook_name_out": TC_OUT,
+        "context_size": 32,
+        "dataset_path": str(dataset),
+    }
+    save_sae(sae, path, metadata=metadata)
+    return path

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pytest
-from saved_sae import make_run, text_file
+from saved_sae import TC_IN, TC_OUT, make_run, saved_transcoder, text_file
 
 from drrik.analysis import AnalysisConfig, analyze
 from drrik.cli import main
 from drrik.report import select_features, write_report
-from drrik.sae import SAEConfig, build_sae, save_sae
+from drrik.sae import SAEConfig, build_sae
 
 CHROMIUM_FLAGS = [
     "--headless",
@@ -120,16 +120,10 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
 def test_a_transcoder_report_names_both_hooks(tiny_model, tiny_model_dir, tmp_path):
     """A transcoder's features are read at its input hook, and its report says what it is:
     input hook → target hook, and its output width."""
-    tc_in, tc_out = "blocks.1.mlp.hook_in", "blocks.1.hook_mlp_out"
+    tc_in, tc_out = TC_IN, TC_OUT
     tc = build_sae(SAEConfig(d_in=64, d_sae=16, skip_connection=True, apply_b_dec_to_input=False))
-    metadata = {
-        "model_name": str(tiny_model_dir),
-        "hook_name": tc_in,
-        "hook_name_out": tc_out,
-        "context_size": 32,
-        "dataset_path": str(text_file(tmp_path / "d.txt", paragraphs=40)),
-    }
-    save_sae(tc, tmp_path / "tc", metadata=metadata)
+    data = text_file(tmp_path / "d.txt", paragraphs=40)
+    saved_transcoder(tmp_path / "tc", tiny_model_dir, tc, data)
     cfg = AnalysisConfig(n_tokens=256, batch_size_prompts=4)
     assert analyze(tmp_path / "tc", cfg, model=tiny_model).meta["hook"] == tc_in
     page = write_report(tmp_path / "tc", n_features=1).read_text()

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from saved_sae import HOOK, make_run, sparse_sae, text_file
+from saved_sae import HOOK, TC_IN, TC_OUT, make_run, saved_transcoder, sparse_sae, text_file
 
 from drrik.cli import main
 from drrik.errors import ConfigError
 from drrik.model import load_model
-from drrik.sae import SAEConfig, build_sae, save_sae
+from drrik.sae import SAEConfig, build_sae
 from drrik.steering import SAESteering
 
 PROMPTS = ["The capital of France is", "def main():\n    return", "Hello"]
@@ -139,16 +139,9 @@ def test_a_transcoder_steers_at_its_target_hook(
     """A transcoder's decoder row lives in its target's space: ``add`` puts it at
     ``hook_name_out`` (the MLP's output), so block 1's output moves by exactly strength x
     W_dec[f], and clamp (whose feature is read at another hook) is refused."""
-    tc_in, tc_out = "blocks.1.mlp.hook_in", "blocks.1.hook_mlp_out"
+    tc_in, tc_out = TC_IN, TC_OUT
     tc = build_sae(SAEConfig(d_in=tiny_model.cfg.d_model, d_sae=8, skip_connection=True))
-    metadata = {
-        "model_name": str(tiny_model_dir),
-        "hook_name": tc_in,
-        "hook_name_out": tc_out,
-        "context_size": 32,
-        "dataset_path": str(text_file(tmp_path / "d.txt", paragraphs=40)),
-    }
-    save_sae(tc, tmp_path / "tc", metadata=metadata)
+    saved_transcoder(tmp_path / "tc", tiny_model_dir, tc, text_file(tmp_path / "d.txt", 40))
     steering = SAESteering.from_run(tmp_path / "tc", model=tiny_model)
     assert (steering.hook, steering.target_hook) == (tc_in, tc_out)
     outputs: list[torch.Tensor] = []
