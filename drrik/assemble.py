@@ -22,7 +22,7 @@ from drrik.errors import ConfigError, require
 from drrik.evaluate import Evaluator, held_out_contexts
 from drrik.learner import Learner
 from drrik.logs import get_logger
-from drrik.model import load_model, resolve_dtype, use_tf32_matmuls
+from drrik.model import load_model, native_bfloat16, resolve_dtype, use_tf32_matmuls
 from drrik.rng import seed_everything
 from drrik.run import Run, restore
 from drrik.run_dir import RunDir, default_run_name
@@ -35,11 +35,13 @@ log = get_logger(__name__)
 
 def resolved_config(cfg: RunConfig, dist: Distributed) -> RunConfig:
     """A copy of ``cfg`` as this run uses and saves it: 0 data shards means one per process,
-    auto dtype the one this hardware gets (so a resume elsewhere keeps it). The caller's
+    auto dtype and autocast what this hardware gets (so a resume elsewhere keeps them). The caller's
     config is left as it was."""
     cfg = copy.deepcopy(cfg)
     cfg.distributed.data_shards = cfg.distributed.data_shards or dist.world_size
     cfg.model.model_dtype = resolve_dtype(cfg.model.model_dtype, cfg.model.device)
+    if cfg.trainer.autocast is None:
+        cfg.trainer.autocast = native_bfloat16(cfg.model.device)
     cfg.out = cfg.out or default_run_name(cfg)
     return cfg
 

@@ -179,9 +179,11 @@ class DataConfig(Serializable):
 class StoreConfig(Serializable):
     """The activations store: how many activations are mixed and served per step."""
 
-    train_batch_size_tokens: int = 4096
+    train_batch_size_tokens: int = 1024
     """Activations per training step served by each data shard (one shard per process by
-    default, so the global batch is this x the number of processes)."""
+    default, so the global batch is this x the number of processes). Small, because a short
+    run needs steps more than large batches (benchmarks/results/default_sae-*); long GPU runs
+    usually take 4096."""
     n_batches_in_buffer: int = 16
     """Buffer size in model batches (tokens = this x store_batch_size_prompts x context_size)."""
     store_batch_size_prompts: int = 16
@@ -258,7 +260,7 @@ class RunConfig(Serializable):
             self.sae.dtype != "float16",
             "dtype",
             self.sae.dtype,
-            "SAE parameters cannot train in float16; use float32 (add --autocast for bf16 "
+            "SAE parameters cannot train in float16; use float32 (with --autocast true for bf16 "
             "compute) or bfloat16",
         )
 

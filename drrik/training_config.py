@@ -92,7 +92,7 @@ class LRScheduleConfig(Serializable):
 class TrainerConfig(LRScheduleConfig):
     """The optimization loop: budget, optimizer, schedules, initialization, dead features."""
 
-    training_tokens: int = 250_000
+    training_tokens: int = 400_000
     """Training budget in activations (tokens) served to each SAE."""
     lr: float = 1e-3
     """Adam learning rate."""
@@ -114,8 +114,9 @@ class TrainerConfig(LRScheduleConfig):
     """Resample dead features every this many tokens (0: never)."""
     seed: int = 42
     """Seed for SAE initialization, buffer shuffles and sampling."""
-    autocast: bool = False
-    """bf16 autocast for the SAE forward/backward (GPU)."""
+    autocast: bool | None = None
+    """bf16 autocast for the SAE forward/backward; unset = on where bf16 is native (recent
+    GPUs, CPUs with AVX512-BF16/AMX), where it is 2-3x faster at the same quality."""
     compile_sae: bool = False
     """torch.compile the SAE training step."""
     log_every_steps: int = 10

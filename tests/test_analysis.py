@@ -184,7 +184,11 @@ def test_logit_effects_follow_the_decoder_width(tiny_model):
     logit effects, one writing MLP neurons (128 wide here) has none, whatever its input."""
 
     def transcoder(d_in: int, d_out: int) -> SAE:
-        return build_sae(SAEConfig(d_in=d_in, d_out=d_out, d_sae=8, apply_b_dec_to_input=False))
+        return build_sae(
+            SAEConfig(
+                architecture="relu", d_in=d_in, d_out=d_out, d_sae=8, apply_b_dec_to_input=False
+            )
+        )
 
     assert logit_effects(tiny_model, transcoder(64, 128), 3) == {}
     assert logit_effects(tiny_model, transcoder(128, 64), 3)["logit_pos"].shape == (8, 3)

@@ -106,7 +106,7 @@ def test_eval_of_a_directory_without_an_sae_is_refused(
 BAD_FLAGS: dict[str, tuple[list[str], str, str]] = {
     # case: (flags added to a valid run, field named, words the message must contain)
     "d_sae-and-expansion_factor": (["--d-sae", "128"], "d_sae", "not both"),
-    "topk-without-k": ([], "k", "needs k"),  # the valid flags' --k 8 is dropped
+    "target-l0-and-k": (["--target-l0", "4"], "target_l0", "drop one"),  # with --k 8
     "negative-l1-coefficient": (["--l1-coefficient", "-1"], "l1_coefficient", ">= 0"),
     "negative-lr": (["--lr", "-0.001"], "lr", "positive"),
     "zero-lr": (["--lr", "0"], "lr", "positive"),
@@ -122,9 +122,6 @@ def test_bad_flag_exits_2_with_one_line_naming_the_field(
 ) -> None:
     flags, field, words = BAD_FLAGS[case]
     argv = ["train", *base_args, "--out", str(tmp_path / "run"), *flags]
-    if case == "topk-without-k":
-        i = argv.index("--k")
-        argv = argv[:i] + argv[i + 2 :]
     code, out, err = run_cli(argv, capfd)
     assert code == 2
     assert err.count("\n") == 1, err
@@ -137,7 +134,7 @@ def test_bad_flag_exits_2_with_one_line_naming_the_field(
 
 CONFIG_ERRORS: dict[str, tuple[Callable[[], Any], str]] = {
     "d_sae-and-expansion_factor": (lambda: SAEConfig(d_sae=8, expansion_factor=2), "d_sae"),
-    "topk-without-k": (lambda: SAEConfig(architecture="topk"), "k"),
+    "topk-k-above-d_sae": (lambda: SAEConfig(architecture="topk", k=9, d_sae=8), "k"),
     "negative-l1-coefficient": (lambda: SAEConfig(l1_coefficient=-1.0), "l1_coefficient"),
     "negative-lr": (lambda: TrainerConfig(lr=-1.0), "lr"),
     "budget-below-one-batch": (

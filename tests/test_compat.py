@@ -27,7 +27,9 @@ def test_names_map_onto_the_new_design():
     assert compat.WandbConfig is WandbConfig
     assert compat.EnvironmentSettings is EnvironmentSettings
     assert compat.get_settings is get_settings
-    assert isinstance(build_sae(SAEConfig(d_in=8, d_sae=16)), compat.SparseAutoencoder)
+    assert isinstance(
+        build_sae(SAEConfig(architecture="relu", d_in=8, d_sae=16)), compat.SparseAutoencoder
+    )
 
 
 def test_activation_extractor_round_trip(tiny_model, tiny_model_dir, tmp_path):

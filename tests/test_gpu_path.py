@@ -35,7 +35,7 @@ from test_trainer import run_config as trainer_run_config
 import drrik.model
 import drrik.rng
 from drrik.assemble import assemble
-from drrik.config import RunConfig
+from drrik.config import RunConfig, TrainerConfig
 from drrik.distributed import Distributed
 from drrik.errors import ConfigError
 from drrik.evaluate import EvalTarget, evaluate, evaluate_together
@@ -314,6 +314,20 @@ def test_auto_dtype_asks_the_target_gpu_for_native_bf16(
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", supported)
     assert drrik.model.resolve_dtype("auto", "cuda:1") == ("bfloat16" if native else "float32")
     assert asked == [torch.device("cuda", 1)]
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_unset_autocast_is_on_exactly_where_bf16_is_native(
+    native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fast path is the default where it is fast, saved resolved; a choice is kept."""
+    import drrik.assemble
+
+    monkeypatch.setattr(drrik.assemble, "native_bfloat16", lambda device: native)
+    assert drrik.assemble.resolved_config(RunConfig(), Distributed()).trainer.autocast is native
+    for chosen in (True, False):
+        cfg = RunConfig(trainer=TrainerConfig(autocast=chosen))
+        assert drrik.assemble.resolved_config(cfg, Distributed()).trainer.autocast is chosen
 
 
 def test_an_explicit_gpu_index_is_refused_under_torchrun() -> None:

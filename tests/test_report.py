@@ -121,7 +121,11 @@ def test_a_transcoder_report_names_both_hooks(tiny_model, tiny_model_dir, tmp_pa
     """A transcoder's features are read at its input hook, and its report says what it is:
     input hook → target hook, and its output width."""
     tc_in, tc_out = TC_IN, TC_OUT
-    tc = build_sae(SAEConfig(d_in=64, d_sae=16, skip_connection=True, apply_b_dec_to_input=False))
+    tc = build_sae(
+        SAEConfig(
+            architecture="relu", d_in=64, d_sae=16, skip_connection=True, apply_b_dec_to_input=False
+        )
+    )
     data = text_file(tmp_path / "d.txt", paragraphs=40)
     saved_transcoder(tmp_path / "tc", tiny_model_dir, tc, data)
     cfg = AnalysisConfig(n_tokens=256, batch_size_prompts=4)

@@ -66,16 +66,23 @@ def expected_mse(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def test_config_defaults_and_resolution() -> None:
     cfg = SAEConfig(d_in=16)
     assert cfg.resolved_d_sae() == 128
-    assert SAEConfig(d_in=16, expansion_factor=2).resolved_d_sae() == 32
-    assert SAEConfig(d_in=16, d_sae=40).resolved_d_sae() == 40
-    assert cfg.resolved_normalize_decoder() is False  # decoder-norm-weighted L1
-    assert SAEConfig(scale_sparsity_by_decoder_norm=False).resolved_normalize_decoder()
+    assert SAEConfig(d_in=16, expansion_factor=2, k=8).resolved_d_sae() == 32
+    assert SAEConfig(d_in=16, d_sae=40, k=8).resolved_d_sae() == 40
+    relu = SAEConfig(architecture="relu")
+    assert relu.resolved_normalize_decoder() is False  # decoder-norm-weighted L1
+    assert SAEConfig(
+        architecture="relu", scale_sparsity_by_decoder_norm=False
+    ).resolved_normalize_decoder()
     assert SAEConfig(architecture="topk", k=4).resolved_normalize_decoder()
     assert (
         SAEConfig(architecture="topk", k=4, normalize_decoder=False).resolved_normalize_decoder()
         is False
     )
     assert SAEConfig(architecture="topk", k=4, d_in=64).resolved_aux_k() == 32
+    # k: given, else the target L0, else the default run's 64.
+    assert SAEConfig(architecture="topk", k=4).resolved_k() == 4
+    assert SAEConfig(architecture="batchtopk", target_l0=12).resolved_k() == 12
+    assert SAEConfig().architecture == "topk" and SAEConfig().resolved_k() == 64
     assert SAEConfig.from_dict(cfg.to_dict()) == cfg
 
 
@@ -83,8 +90,8 @@ def test_config_defaults_and_resolution() -> None:
     ("kwargs", "field", "hint"),
     [
         ({"d_sae": 32, "expansion_factor": 4}, "d_sae", "not both"),
-        ({"architecture": "topk"}, "k", "needs k"),
-        ({"architecture": "batchtopk"}, "k", "needs k"),
+        ({"architecture": "topk", "k": 4, "target_l0": 4}, "target_l0", "drop one"),
+        ({"architecture": "batchtopk", "k": 4, "target_l0": 8}, "target_l0", "drop one"),
         ({"l1_coefficient": -1.0}, "l1_coefficient", ">= 0"),
         ({"aux_k_coefficient": -0.1}, "aux_k_coefficient", ">= 0"),
         ({"architecture": "topk", "k": 0}, "k", "positive"),

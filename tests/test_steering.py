@@ -140,7 +140,9 @@ def test_a_transcoder_steers_at_its_target_hook(
     ``hook_name_out`` (the MLP's output), so block 1's output moves by exactly strength x
     W_dec[f], and clamp (whose feature is read at another hook) is refused."""
     tc_in, tc_out = TC_IN, TC_OUT
-    tc = build_sae(SAEConfig(d_in=tiny_model.cfg.d_model, d_sae=8, skip_connection=True))
+    tc = build_sae(
+        SAEConfig(architecture="relu", d_in=tiny_model.cfg.d_model, d_sae=8, skip_connection=True)
+    )
     saved_transcoder(tmp_path / "tc", tiny_model_dir, tc, text_file(tmp_path / "d.txt", 40))
     steering = SAESteering.from_run(tmp_path / "tc", model=tiny_model)
     assert (steering.hook, steering.target_hook) == (tc_in, tc_out)

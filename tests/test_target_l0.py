@@ -211,7 +211,11 @@ def test_a_given_l1_coefficient_is_the_controllers_start_and_says_so(
         ({"target_l0": 80, "d_in": 64, "d_sae": 100}, "target_l0", "d_in (64)"),
         ({"target_l0": 8, "architecture": "topk", "k": 8}, "target_l0", "k=8"),
         ({"target_l0": 8, "architecture": "batchtopk", "k": 4}, "target_l0", "k=4"),
-        ({"target_l0": 8, "l1_coefficient": 0.0}, "l1_coefficient", "starting"),
+        (
+            {"target_l0": 8, "architecture": "relu", "l1_coefficient": 0.0},
+            "l1_coefficient",
+            "starting",
+        ),
     ],
 )
 def test_bad_target_l0_is_one_line_naming_it(kwargs: dict, field: str, words: str) -> None:

@@ -62,7 +62,12 @@ def test_shapes_follow_the_target_width() -> None:
     assert sae.W_enc.shape == (D_IN, 10) and sae.W_dec.shape == (10, D_OUT)
     assert sae.b_dec.shape == (D_OUT,) and sae.W_skip is not None
     assert sae.W_skip.shape == (D_OUT, D_IN)
-    assert build_sae(SAEConfig(d_in=D_IN, d_sae=10, skip_connection=True)).W_skip.abs().sum() == 0
+    assert (
+        build_sae(SAEConfig(architecture="relu", d_in=D_IN, d_sae=10, skip_connection=True))
+        .W_skip.abs()
+        .sum()
+        == 0
+    )
     assert sae(pair(3)[0]).shape == (3, D_OUT)
 
 
@@ -217,7 +222,9 @@ def test_transcoder_trains_saves_and_evaluates(
     assert {"ce_loss_recovered", "kl_div_with_sae"} <= set(final)
     assert final["explained_variance"] > 0.1 and final["ce_loss_with_sae"] != final["ce_loss_clean"]
     assert run.evaluator is not None
-    at_out, _ = run.evaluator([EvalTarget("out", OUT, build_sae(SAEConfig(d_in=64, d_sae=8)))])
+    at_out, _ = run.evaluator(
+        [EvalTarget("out", OUT, build_sae(SAEConfig(architecture="relu", d_in=64, d_sae=8)))]
+    )
     assert final["ce_loss_zero_ablated"] == pytest.approx(at_out["out"]["ce_loss_zero_ablated"])
 
 
@@ -281,7 +288,9 @@ def test_every_layer_from_one_stream(
 
 
 def test_checkpoint_keeps_the_target_scale_and_old_ones_load() -> None:
-    spec = DictionarySpec("tc", (IN,), (OUT,), SAEConfig(d_in=D_IN, d_out=D_OUT, d_sae=10))
+    spec = DictionarySpec(
+        "tc", (IN,), (OUT,), SAEConfig(architecture="relu", d_in=D_IN, d_out=D_OUT, d_sae=10)
+    )
     learner = Learner.build(spec, TrainerConfig(), 10, torch.device("cpu"))
     learner.scale, learner.target_scale = 2.0, 5.0
     state = learner.state_dict()

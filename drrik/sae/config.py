@@ -19,14 +19,17 @@ from drrik.sae.registry import ARCHITECTURES
 
 DEFAULT_EXPANSION_FACTOR = 8
 DEFAULT_L1_COEFFICIENT = 5.0
+DEFAULT_K = 64
+"""Features per token a topk/batchtopk keeps when neither k nor target_l0 is given: the
+default run's sparsity (benchmarks/README.md, default_sae.py)."""
 
 
 @dataclass
 class SAEConfig(Serializable):
     """Shape, architecture and loss of one sparse autoencoder."""
 
-    architecture: str = "relu"
-    """SAE architecture: relu, topk, batchtopk, jumprelu or gated."""
+    architecture: str = "topk"
+    """SAE architecture: topk, batchtopk, relu, jumprelu or gated."""
 
     d_in: int = 0
     """Input width; 0 means 'take it from the model's hook at run time'."""
@@ -45,7 +48,8 @@ class SAEConfig(Serializable):
     """d_sae = expansion_factor * d_in when d_sae is not set (8 when neither is set)."""
 
     k: int | None = None
-    """Active features per token for topk; average active features per token for batchtopk."""
+    """Active features per token for topk; average active features per token for batchtopk;
+    unset = target_l0, else 64."""
 
     target_l0: int | None = None
     """Active features per token to train to. topk/batchtopk: k = target_l0 (leave k unset).
@@ -113,13 +117,6 @@ class SAEConfig(Serializable):
         )
         if sae_cls.needs_k:
             require(
-                self.k is not None or self.target_l0 is not None,
-                "k",
-                self.k,
-                f"{self.architecture} needs k (active features per token), e.g. --k 32 "
-                "(or --target-l0 32)",
-            )
-            require(
                 self.k is None or self.target_l0 is None,
                 "target_l0",
                 self.target_l0,
@@ -132,7 +129,7 @@ class SAEConfig(Serializable):
             self.target_l0,
             "use a positive number of active features per token",
         )
-        self.check_target_l0()
+        self.check_widths()
         require(
             self.target_l0 is None or sae_cls.needs_k or self.l1_coefficient > 0,
             "l1_coefficient",
@@ -171,9 +168,11 @@ class SAEConfig(Serializable):
         require(self.d_in > 0, "d_in", self.d_in, "set d_in (or d_sae) before sizing the SAE")
         return (self.expansion_factor or DEFAULT_EXPANSION_FACTOR) * self.d_in
 
-    def resolved_k(self) -> int | None:
-        """Features a topk/batchtopk keeps per token: k, else target_l0."""
-        return self.k if self.k is not None else self.target_l0
+    def resolved_k(self) -> int:
+        """Features a topk/batchtopk keeps per token: k, else target_l0, else DEFAULT_K."""
+        if self.k is not None:
+            return self.k
+        return self.target_l0 if self.target_l0 is not None else DEFAULT_K
 
     def resolved_normalize_decoder(self) -> bool:
         """Whether decoder rows are held at unit norm.
@@ -199,20 +198,17 @@ class SAEConfig(Serializable):
     def check_buildable(self) -> None:
         """Checks that need d_in; run when the SAE is built, after the trainer fills d_in."""
         require(self.d_in > 0, "d_in", self.d_in, "set d_in (the hook's width) before building")
-        d_sae = self.resolved_d_sae()
-        require(
-            self.k is None or not ARCHITECTURES[self.architecture].needs_k or self.k <= d_sae,
-            "k",
-            self.k,
-            f"use k <= d_sae ({d_sae})",
-        )
-        self.check_target_l0()
+        self.check_widths()
 
-    def check_target_l0(self) -> None:
-        """target_l0 fits the widths known so far: at most d_sae features can fire, and an L0
-        above d_in is no longer a sparse code of the input. Run at construction when a width
-        is given, and again when the SAE is built, after the trainer fills d_in."""
-        if self.target_l0 is None:
+    def check_widths(self) -> None:
+        """k and target_l0 fit the widths known so far: at most d_sae features can fire, and
+        an L0 above d_in is no longer a sparse code of the input. Run at construction when a
+        width is given, and again when the SAE is built, after the trainer fills d_in."""
+        known = self.d_in > 0 or self.d_sae is not None
+        if self.target_l0 is None:  # else k is target_l0, checked below under its own name
+            if known and ARCHITECTURES[self.architecture].needs_k:
+                d_sae, k = self.resolved_d_sae(), self.resolved_k()
+                require(k <= d_sae, "k", k, f"use k <= d_sae ({d_sae})")
             return
         if self.d_in > 0:
             require(
@@ -221,7 +217,7 @@ class SAEConfig(Serializable):
                 self.target_l0,
                 f"use target_l0 <= d_in ({self.d_in})",
             )
-        if self.d_in > 0 or self.d_sae is not None:
+        if known:
             d_sae = self.resolved_d_sae()
             require(
                 self.target_l0 <= d_sae,

@@ -122,10 +122,8 @@ class TopKSAE(SAE):
 
     @property
     def k(self) -> int:
-        """Features kept per token: k, else target_l0 (the config requires one of them)."""
-        k = self.cfg.resolved_k()
-        assert k is not None, "SAEConfig refuses a topk without k or target_l0"
-        return k
+        """Features kept per token: k, else target_l0, else the default."""
+        return self.cfg.resolved_k()
 
     @property
     def rescale_by_decoder_norm(self) -> bool:
