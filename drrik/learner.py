@@ -77,9 +77,11 @@ class Learner:
     ) -> Learner:
         """A fresh dictionary for ``spec`` (its ``d_in`` filled); seed torch first."""
         sae = build_sae(spec.sae, device=device).train()
-        optimizer = torch.optim.Adam(
-            sae.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2)
-        )
+        groups = [
+            {"params": g["params"], "lr": cfg.lr * g.get("lr_scale", 1.0)}
+            for g in sae.optimizer_groups()
+        ]
+        optimizer = torch.optim.Adam(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
         target_l0 = spec.sae.target_l0
         controlled = target_l0 is not None and not sae.needs_k  # topk's k is the target
         return cls(
@@ -121,7 +123,8 @@ class Learner:
 
     @torch.no_grad()
     def initialize(self, stores: list[Any], dist: Distributed) -> None:
-        """Input and target scales and b_dec from real activations of every local store.
+        """Input and target scales, b_dec and (with ``target_l0``) the architecture's start near
+        it (:meth:`SAE.start_near_l0`) from real activations of every local store.
 
         Each scale averages every shard's estimate; b_dec (the output's bias, so a
         transcoder's comes from its target hook) comes from shard 0 and is broadcast, so all
@@ -140,6 +143,10 @@ class Learner:
             mean = self.cfg.b_dec_init_method == "mean"
             center = sample.mean(0) if mean else geometric_median(sample)
             self.sae.b_dec.copy_(center.to(self.sae.b_dec))
+        target_l0 = self.spec.sae.target_l0
+        if target_l0 is not None and dist.is_main:  # after b_dec: the encoder subtracts it
+            sample = stores[0].sample(self.spec.input_hook, GEOMETRIC_MEDIAN_SAMPLES)
+            self.sae.start_near_l0((sample * self.scale).to(self.sae.W_dec.dtype), target_l0)
         dist.broadcast_(list(self.sae.parameters()))
 
     def step(

@@ -29,7 +29,9 @@ from drrik.config import (
     StoreConfig,
     TrainerConfig,
 )
+from drrik.distributed import Distributed
 from drrik.errors import ConfigError
+from drrik.geometric_median import geometric_median
 from drrik.learner import Learner
 from drrik.pipeline import open_logger, train_run
 from drrik.run_dir import RunDir
@@ -45,14 +47,13 @@ STEPS = 200
 TARGET = 8
 ARCHITECTURES = ("relu", "gated", "jumprelu", "topk", "batchtopk")
 CONTROLLED = ("relu", "gated", "jumprelu")
-JUMPRELU_THRESHOLD = 1.0
-"""JumpReLU's thresholds start near the pre-activations' scale (about 0.75 here): they move by
-about the learning rate per step in log space, so from the default 0.001 no short run reaches
-any target (see the README)."""
 JUMPRELU_BANDWIDTH = 0.05
 TOLERANCE = 0.25
-"""Relative distance of the held-out L0 from the target a 160-step run of 64-token batches
-meets (the issue's standard on the real model is 10%, with batches of 4,096)."""
+"""Relative distance of the held-out L0 from the target a 200-step run of 64-token batches
+meets with a controller (the issue's standard on the real model is 10%)."""
+TOLERANCES = {"topk": 0.0, "batchtopk": 0.1}
+"""topk is exact; batchtopk's inference threshold must keep k features per held-out token on
+average, as its training batches do (a lagging threshold kept 21% fewer here)."""
 
 
 def target_config(out: Path, model_dir: Path, **trainer: Any) -> RunConfig:
@@ -66,7 +67,6 @@ def target_config(out: Path, model_dir: Path, **trainer: Any) -> RunConfig:
         sae=SAEConfig(
             target_l0=TARGET,
             expansion_factor=2,
-            jumprelu_init_threshold=JUMPRELU_THRESHOLD,
             jumprelu_bandwidth=JUMPRELU_BANDWIDTH,
         ),
         trainer=TrainerConfig(
@@ -106,8 +106,62 @@ def trained(
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_every_architecture_ends_near_its_target_l0(trained: Trained, architecture: str) -> None:
+    """From the defaults otherwise: JumpReLU's thresholds start at 0.001, where about half the
+    features fire, unless target_l0 starts them from the data."""
     held_out = trained.metrics[name(architecture)]["l0"]
-    assert held_out == pytest.approx(TARGET, rel=TOLERANCE)
+    assert held_out == pytest.approx(TARGET, rel=TOLERANCES.get(architecture, TOLERANCE))
+
+
+class SampleStore:
+    """A store stand-in whose buffer holds ``x``."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x = x
+
+    def sample(self, hook: str, n: int) -> torch.Tensor:
+        return self.x[:n]
+
+    def norm_scaling_factor(self, hook: str) -> float:
+        return 1.0
+
+
+@pytest.mark.parametrize("target", [2, 8])
+def test_jumprelu_thresholds_start_where_about_the_target_fires(target: int) -> None:
+    """Each feature's threshold starts at the quantile of its pre-activations (after b_dec is
+    set) where it fires on target / d_sae of the tokens; without a target, at the config's."""
+    torch.manual_seed(0)
+    x = torch.randn(4096, 16) * 3 + 1
+    for target_l0 in (target, None):
+        cfg = SAEConfig(architecture="jumprelu", d_in=16, d_sae=64, target_l0=target_l0)
+        learner = Learner.build(
+            DictionarySpec("s", (HOOK,), (HOOK,), cfg), TrainerConfig(), 4, torch.device("cpu")
+        )
+        learner.initialize([SampleStore(x)], Distributed())
+        sae = learner.sae
+        assert torch.equal(sae.b_dec, geometric_median(x))
+        fires = (sae.pre_acts(x) > sae.threshold).float()
+        if target_l0 is None:
+            torch.testing.assert_close(sae.threshold, torch.full((64,), 0.001))
+            assert fires.sum(1).mean() > 16
+            continue
+        assert fires.sum(1).mean() == pytest.approx(target, rel=0.02)
+        assert torch.allclose(fires.mean(0), torch.full((64,), target / 64), atol=2 / 4096)
+
+
+def test_jumprelu_thresholds_learn_faster_under_a_target() -> None:
+    """The L0 penalty moves only the thresholds, so with a target they get a multiple of the
+    learning rate (a group of their own); the rest, and every parameter without a target,
+    learn at the run's rate."""
+    for target_l0, threshold_lr in ((4, 0.03), (None, 0.001)):
+        cfg = SAEConfig(architecture="jumprelu", d_in=16, d_sae=64, target_l0=target_l0)
+        spec = DictionarySpec("s", (HOOK,), (HOOK,), cfg)
+        learner = Learner.build(spec, TrainerConfig(lr=0.001), 4, torch.device("cpu"))
+        lrs = {
+            id(p): group["lr"] for group in learner.optimizer.param_groups for p in group["params"]
+        }
+        assert len(lrs) == len(list(learner.sae.parameters()))
+        assert lrs.pop(id(learner.sae.log_threshold)) == pytest.approx(threshold_lr)
+        assert set(lrs.values()) == {0.001}
 
 
 def test_the_live_coefficient_is_logged_and_moves(trained: Trained) -> None:

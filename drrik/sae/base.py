@@ -289,6 +289,16 @@ class SAE(nn.Module):
     def _fold_scale_extras(self, scale: float) -> None:
         """Divide architecture-specific biases/thresholds by ``scale``."""
 
+    def optimizer_groups(self) -> list[dict[str, Any]]:
+        """Adam's parameter groups: one by default; an architecture may give some parameters a
+        multiple of the learning rate (``lr_scale``)."""
+        return [{"params": list(self.parameters())}]
+
+    def start_near_l0(self, x: Tensor, target_l0: int) -> None:
+        """Before training with ``target_l0``: set whatever the L0 cannot move fast from
+        inputs ``x`` (as the encoder sees them), so the run starts near the target. Nothing
+        by default: a coefficient moves a penalty's L0 within tens of steps."""
+
     # ---- per-feature parameters (resampling) -----------------------------------------------
 
     def feature_params(self) -> list[tuple[nn.Parameter, int]]:

@@ -3,7 +3,10 @@
 Training keeps the ``k * batch`` largest activations of the whole batch, so busy tokens can use
 more features than quiet ones. Inference cannot depend on the batch, so the SAE learns one
 global threshold (EMA of the smallest kept activation) and, in eval mode, acts as a JumpReLU
-with that threshold; it is saved as a SAELens "jumprelu" SAE.
+with that threshold; it is saved as a SAELens "jumprelu" SAE. The smallest kept activation is
+the threshold at which the batch keeps exactly k features per token; it falls as training goes
+on, so the EMA's memory is short (``batchtopk_threshold_momentum``, 0.9: about ten steps)
+lest the threshold trail it and keep fewer than k.
 """
 
 from __future__ import annotations

@@ -26,6 +26,12 @@ from drrik.sae.base import SAE, TrainOutput
 from drrik.sae.config import SAEConfig
 from drrik.sae.registry import register
 
+START_L0_FACTOR = 1.0
+"""With ``target_l0``, the thresholds start where this multiple of the target fires."""
+
+THRESHOLD_LR_SCALE = 30.0
+"""With ``target_l0``: the thresholds' learning rate, as a multiple of the run's."""
+
 
 def rectangle(u: Tensor) -> Tensor:
     """Rectangle kernel: 1 where ``-1/2 < u < 1/2``, else 0."""
@@ -120,6 +126,30 @@ class JumpReLUSAE(SAE):
         }
         loss = torch.stack(list(losses.values())).sum()
         return TrainOutput(loss=loss, losses=losses, feature_acts=feature_acts, x_hat=x_hat)
+
+    def optimizer_groups(self) -> list[dict[str, Any]]:
+        """With ``target_l0``, the thresholds learn ``THRESHOLD_LR_SCALE`` times faster: the L0
+        penalty reaches nothing else (the encoder gets no gradient through the step), so its
+        controller can move the L0 only as fast as the thresholds move."""
+        if self.cfg.target_l0 is None:
+            return super().optimizer_groups()
+        rest = [p for p in self.parameters() if p is not self.log_threshold]
+        return [{"params": rest}, {"params": [self.log_threshold], "lr_scale": THRESHOLD_LR_SCALE}]
+
+    @torch.no_grad()
+    def start_near_l0(self, x: Tensor, target_l0: int) -> None:
+        """Start each feature's threshold at the quantile of its pre-activations on ``x`` that
+        it exceeds on ``START_L0_FACTOR * target_l0 / d_sae`` of the tokens, so the L0 starts
+        near ``START_L0_FACTOR * target_l0``. Thresholds move by about the learning rate per
+        step in log space, so from a fixed start (0.001) no run of hundreds of steps gets from
+        the ~half of the features that fire there down to a target of tens; from here the L0
+        controller only has the rest to do. A feature whose quantile is not above the
+        configured start keeps that start."""
+        n = x.shape[0]
+        kept = min(n, max(1, round(n * START_L0_FACTOR * target_l0 / self.d_sae)))
+        quantile = self.pre_acts(x).float().topk(kept, dim=0).values[-1]
+        start = torch.full_like(quantile, self.cfg.jumprelu_init_threshold)
+        self.log_threshold.copy_(torch.maximum(quantile, start).log())
 
     def _fold_scale_extras(self, scale: float) -> None:
         self.log_threshold.sub_(math.log(scale))
