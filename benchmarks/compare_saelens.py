@@ -462,6 +462,29 @@ def prepare_data(model_dir: str, context_size: int, n_train: int, n_eval: int, w
     return target
 
 
+def base_spec(args: argparse.Namespace, work: Path, budget: int) -> tuple[str, Path, RunSpec]:
+    """The embedded model's HF directory, the contexts (enough that no run of up to ``budget``
+    tokens repeats data: budget, buffer, norm estimate, BOS rows) and the spec every run starts
+    from, with the ``args`` named like RunSpec fields (hook, d_sae, lr, ...) applied."""
+    from drrik.model import resolve_model_source
+
+    model_dir = resolve_model_source("smollm2-135m")
+    n_train = int((budget + 3 * 32768) / (args.context_size - 1) * 1.05) + 64
+    data_dir = prepare_data(model_dir, args.context_size, n_train, args.eval_contexts, work)
+    names = ("hook", "context_size", "d_sae", "k", "l1_coefficient", "lr", "seed", "tokens")
+    names += ("train_batch", "prompts")
+    base = RunSpec(
+        tool="drrik",
+        label="",
+        arch="relu",
+        model_dir=model_dir,
+        data_dir=str(data_dir),
+        out_dir="",
+        **{name: getattr(args, name) for name in names if hasattr(args, name)},
+    )
+    return model_dir, data_dir, base
+
+
 def evaluate_saes(
     model: Any, data_dir: Path, dirs: dict[str, str], batch: int = 16
 ) -> dict[str, dict[str, float]]:
@@ -548,36 +571,15 @@ def main() -> None:
     if args.worker:
         worker_main(args.worker, args.spec, args.result)
         return
-    from drrik.model import load_model, resolve_model_source
+    from drrik.model import load_model
     from drrik.paths import cache_dir
 
     work = args.work_dir or cache_dir() / "bench-compare"
     work.mkdir(parents=True, exist_ok=True)
-    model_dir = resolve_model_source("smollm2-135m")
     archs = [a.strip() for a in args.archs.split(",") if a.strip()]
     sae_python = None if args.skip_saelens else saelens_python(args.saelens_python)
     budget = args.tokens * (10 if args.flatness else 1)
-    # Enough contexts that no run repeats data: budget, buffer, norm estimate, BOS rows.
-    n_train = int((budget + 3 * 32768) / (args.context_size - 1) * 1.05) + 64
-    data_dir = prepare_data(model_dir, args.context_size, n_train, args.eval_contexts, work)
-    base = RunSpec(
-        tool="drrik",
-        label="",
-        arch="relu",
-        model_dir=model_dir,
-        data_dir=str(data_dir),
-        out_dir="",
-        hook=args.hook,
-        context_size=args.context_size,
-        d_sae=args.d_sae,
-        k=args.k,
-        l1_coefficient=args.l1_coefficient,
-        lr=args.lr,
-        seed=args.seed,
-        tokens=args.tokens,
-        train_batch=args.train_batch,
-        prompts=args.prompts,
-    )
+    model_dir, data_dir, base = base_spec(args, work, budget)
     compile_archs = {a.strip() for a in args.drrik_compile.split(",") if a.strip()}
     specs: list[RunSpec] = []  # the main pair of each architecture is repeated; extras run once
     extras: list[RunSpec] = []
