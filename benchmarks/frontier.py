@@ -31,10 +31,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import math
 import os
 import shutil
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -67,6 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--train-batch", type=int, default=4096)
+    p.add_argument("--archs", default="relu,topk", help="the architectures to train")
     p.add_argument("--ks", default="16,32,64", help="topk settings, both tools")
     p.add_argument("--l1-values", default="30,60,120", help="relu L1 coefficients, both tools")
     p.add_argument("--target-l0s", default="16,32,64", help="drrik relu --target-l0 settings")
@@ -76,6 +79,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--drrik-model-dtype", default="bfloat16", help="drrik's LM dtype")
     p.add_argument("--probe-l1", default="", help="only probe: drrik relu L0 at these L1 values")
     p.add_argument("--skip-saelens", action="store_true")
+    p.add_argument("--jobs", type=int, default=1, help="trainings at once, each its own process")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per run (0: default)")
+    p.add_argument("--reuse", action="store_true", help="read back finished runs of equal specs")
+    p.add_argument("--drrik-l1-values", default="", help="drrik relu L1 values (--l1-values)")
     p.add_argument("--saelens-python", default=None)
     p.add_argument("--work-dir", type=Path, default=None, help="data, runs and logs")
     p.add_argument("--out", type=Path, default=HERE / "results")
@@ -106,7 +113,12 @@ def plan(args: argparse.Namespace, base: RunSpec) -> list[tuple[str, RunSpec]]:
     runs.append(
         (
             "drrik relu (L1)",
-            replace(base, label="drrik-relu-l1", sweep=f"l1_coefficient={args.l1_values}", **drrik),
+            replace(
+                base,
+                label="drrik-relu-l1",
+                sweep=f"l1_coefficient={args.drrik_l1_values or args.l1_values}",
+                **drrik,
+            ),
         )
     )
     runs.append(
@@ -127,7 +139,29 @@ def plan(args: argparse.Namespace, base: RunSpec) -> list[tuple[str, RunSpec]]:
             replace(base, label="drrik-topk", arch="topk", sweep=f"k={args.ks}", **drrik),
         )
     )
-    return runs
+    return [(family, spec) for family, spec in runs if spec.arch in values(args.archs)]
+
+
+def train_or_reuse(spec: RunSpec, python: str, work: Path, reuse: bool) -> dict[str, Any]:
+    """One training through compare_saelens.run_worker, with the load average around it. With
+    ``reuse``, a finished run of the same spec (its spec and result JSON in ``work``, the thread
+    count and output directory aside) is read back instead of trained again."""
+    spec_path, result_path = work / f"{spec.label}.spec.json", work / f"{spec.label}.result.json"
+    load_path = work / f"{spec.label}.load.json"
+    if reuse and result_path.exists() and spec_path.exists():
+        done = json.loads(spec_path.read_text())
+        if {**done, "threads": 0, "out_dir": ""} == {**asdict(spec), "threads": 0, "out_dir": ""}:
+            print(f"[{spec.label}] reusing the finished run in {work}", flush=True)
+            result = json.loads(result_path.read_text())
+            result["tokens_per_s"] = result["training_tokens"] / result["train_loop_s"]
+            load = json.loads(load_path.read_text()) if load_path.exists() else "not recorded"
+            return {"spec": done, "reused": True, "load": load, **result}
+    shutil.rmtree(spec.out_dir, ignore_errors=True)
+    before = os.getloadavg()[0]
+    result = run_worker(spec, python, work)
+    load = f"{before:.1f}-{os.getloadavg()[0]:.1f}"
+    load_path.write_text(json.dumps(load))
+    return {"spec": asdict(spec), "reused": False, "load": load, **result}
 
 
 def setting_of(spec: dict[str, Any], sae_name: str) -> str:
@@ -230,10 +264,12 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "Train tok/s: activations trained on per second of one run's training loop; a drrik "
         "sweep trains all its SAEs from each token, so its rate is shared by its 3 SAEs. Load: "
-        "the machine's 1-minute load average at the run's start and end (2 cores, shared).",
+        "the machine's 1-minute load average at the run's start and end (2 cores, shared); "
+        "threads: the run's torch threads (runs trained side by side had one each).",
         "",
-        "| tool | arch | setting | L0 | EV | CE rec | dead | dense | train tok/s | load |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "| tool | arch | setting | L0 | EV | CE rec | dead | dense | train tok/s | threads "
+        "| load |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in result["rows"]:
         lines.append(
@@ -241,7 +277,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"{r['explained_variance']:.3f} | {r['ce_loss_recovered']:.3f} | "
             f"{r['dead_features']} | {r['dense_features']} | {r['tokens_per_s']:,.0f}"
             + (f" (x{r['n_saes']})" if r["n_saes"] > 1 else "")
-            + f" | {r['load']} |"
+            + f" | {r['threads']} | {r['load']} |"
         )
     if result["comparison"]:
         lines += [
@@ -278,14 +314,16 @@ def main() -> None:
     sae_python = None if args.skip_saelens or args.probe_l1 else saelens_python(args.saelens_python)
     model_dir, data_dir, base = base_spec(args, work, args.tokens)
     runs: dict[str, dict[str, Any]] = {}
-    for family, spec in plan(args, base):
-        spec = replace(spec, out_dir=str(work / "runs" / spec.label))
-        shutil.rmtree(spec.out_dir, ignore_errors=True)
-        load = round(os.getloadavg()[0], 1)
+
+    def train(family: str, spec: RunSpec) -> None:
+        spec = replace(spec, out_dir=str(work / "runs" / spec.label), threads=args.threads)
         python = sae_python if spec.tool == "saelens" else sys.executable
-        result = run_worker(spec, python, work)
-        result["load"] = f"{load}-{os.getloadavg()[0]:.1f}"
-        runs[spec.label] = {"family": family, "spec": asdict(spec), **result}
+        runs[spec.label] = {"family": family, **train_or_reuse(spec, python, work, args.reuse)}
+
+    with ThreadPoolExecutor(args.jobs) as pool:  # each run is a process of its own
+        for future in [pool.submit(train, family, spec) for family, spec in plan(args, base)]:
+            future.result()
+    runs = {spec.label: runs[spec.label] for _, spec in plan(args, base)}  # the plan's order
 
     print("evaluating every SAE on the same held-out contexts ...", flush=True)
     dirs = {
@@ -308,6 +346,7 @@ def main() -> None:
                 "tokens_per_s": round(run["tokens_per_s"], 1),
                 "n_saes": len(run["sae_dirs"]),
                 "loop_cores_used": run["loop_cores_used"],
+                "threads": run["torch_threads"],
                 "load": run["load"],
                 **{k: e[k] for k in ("l0", "explained_variance", "ce_loss_recovered")},
                 "dead_features": e["dead_features"],
