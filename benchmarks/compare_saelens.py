@@ -486,9 +486,10 @@ def base_spec(args: argparse.Namespace, work: Path, budget: int) -> tuple[str, P
 
 
 def evaluate_saes(
-    model: Any, data_dir: Path, dirs: dict[str, str], batch: int = 16
+    model: Any, data_dir: Path, dirs: dict[str, str], batch: int = 16, limit: int | None = None
 ) -> dict[str, dict[str, float]]:
-    """drrik's evaluator on every saved SAE, on the same held-out contexts."""
+    """drrik's evaluator on every saved SAE, on the same held-out contexts (the first ``limit``
+    of them if given)."""
     import datasets
     import torch
 
@@ -496,7 +497,7 @@ def evaluate_saes(
     from drrik.evaluate import EvalTarget, evaluate
     from drrik.sae import load_sae
 
-    test = torch.tensor(datasets.load_from_disk(str(data_dir))["test"]["tokens"])
+    test = torch.tensor(datasets.load_from_disk(str(data_dir))["test"]["tokens"])[:limit]
     contexts = list(test.split(batch))
     exclude = torch.tensor(SpecialTokens.of(model.tokenizer).ids(), dtype=torch.long)
     targets = [EvalTarget(name, hook, load_sae(path)) for name, (hook, path) in dirs.items()]

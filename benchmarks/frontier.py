@@ -76,6 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--target-start-l1", type=float, default=60.0, help="the controller's start")
     p.add_argument("--eval-contexts", type=int, default=64)
     p.add_argument("--context-size", type=int, default=128)
+    p.add_argument("--eval-limit", type=int, default=None, help="evaluate the first N contexts")
     p.add_argument("--drrik-model-dtype", default="bfloat16", help="drrik's LM dtype")
     p.add_argument("--probe-l1", default="", help="only probe: drrik relu L0 at these L1 values")
     p.add_argument("--skip-saelens", action="store_true")
@@ -259,8 +260,8 @@ def markdown(result: dict[str, Any]) -> str:
         "rows; the same pretokenized contexts for every run (compare_saelens.py's). drrik: LM in "
         f"{s['drrik_model_dtype']}, SAE step under bf16 autocast, every setting of a family from "
         "one stream (`--sweep`); SAELens 6.54: its defaults (fp32 LM and SAE), one run per "
-        f"setting. Held-out: drrik's evaluator, fp32 model, {s['eval_contexts']} contexts, the "
-        "same for every SAE.",
+        "setting. Held-out: drrik's evaluator, fp32 model, "
+        f"{s['eval_limit'] or s['eval_contexts']} contexts of 128 tokens, the same for every SAE.",
         "",
         "Train tok/s: activations trained on per second of one run's training loop; a drrik "
         "sweep trains all its SAEs from each token, so its rate is shared by its 3 SAEs. Load: "
@@ -331,7 +332,8 @@ def main() -> None:
         for label, run in runs.items()
         for name, path in run["sae_dirs"].items()
     }
-    metrics = evaluate_saes(load_model(model_dir, dtype="float32"), data_dir, dirs)
+    model = load_model(model_dir, dtype="float32")
+    metrics = evaluate_saes(model, data_dir, dirs, limit=args.eval_limit)
     rows = []
     for name, e in metrics.items():
         label, sae_name = name.split("/", 1)
