@@ -165,6 +165,27 @@ def train_or_reuse(spec: RunSpec, python: str, work: Path, reuse: bool) -> dict[
     return {"spec": asdict(spec), "reused": False, "load": load, **result}
 
 
+def evaluate_cached(
+    dirs: dict[str, tuple[str, str]], data_dir: Path, limit: int | None, work: Path, model_dir: str
+) -> dict[str, dict[str, Any]]:
+    """compare_saelens.evaluate_saes on the SAEs not yet in ``work/eval-cache.json`` (keyed by
+    SAE directory and contexts), so that finished runs can be evaluated while others train. The
+    contexts are the same for every call, so the baselines (clean and zero-ablated CE) are too."""
+    from drrik.model import load_model
+
+    cache_path = work / "eval-cache.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    key = {name: f"{path}|{data_dir}|{limit}" for name, (_, path) in dirs.items()}
+    todo = {name: d for name, d in dirs.items() if key[name] not in cache}
+    if todo:
+        model = load_model(model_dir, dtype="float32")
+        for name, e in evaluate_saes(model, data_dir, todo, limit=limit).items():
+            cache[key[name]] = e
+        cache = {**json.loads(cache_path.read_text()), **cache} if cache_path.exists() else cache
+        cache_path.write_text(json.dumps(cache, default=float))
+    return {name: cache[key[name]] for name in dirs}
+
+
 def setting_of(spec: dict[str, Any], sae_name: str) -> str:
     """The setting one SAE was trained at: its sweep name, or the run's own k / L1."""
     if spec["sweep"]:
@@ -307,7 +328,6 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main() -> None:
     args = parse_args()
-    from drrik.model import load_model
     from drrik.paths import cache_dir
 
     work = args.work_dir or cache_dir() / "bench-frontier"
@@ -332,8 +352,7 @@ def main() -> None:
         for label, run in runs.items()
         for name, path in run["sae_dirs"].items()
     }
-    model = load_model(model_dir, dtype="float32")
-    metrics = evaluate_saes(model, data_dir, dirs, limit=args.eval_limit)
+    metrics = evaluate_cached(dirs, data_dir, args.eval_limit, work, model_dir)
     rows = []
     for name, e in metrics.items():
         label, sae_name = name.split("/", 1)
