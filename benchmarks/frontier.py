@@ -84,6 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch threads per run (0: default)")
     p.add_argument("--reuse", action="store_true", help="read back finished runs of equal specs")
     p.add_argument("--drrik-l1-values", default="", help="drrik relu L1 values (--l1-values)")
+    p.add_argument("--saelens-ks", default="", help="SAELens topk settings (--ks)")
     p.add_argument("--saelens-python", default=None)
     p.add_argument("--work-dir", type=Path, default=None, help="data, runs and logs")
     p.add_argument("--out", type=Path, default=HERE / "results")
@@ -106,7 +107,7 @@ def plan(args: argparse.Namespace, base: RunSpec) -> list[tuple[str, RunSpec]]:
                     replace(base, tool="saelens", label=label, l1_coefficient=float(l1)),
                 )
             )
-        for k in values(args.ks):
+        for k in values(args.saelens_ks or args.ks):
             label = f"saelens-topk-k={k}"
             runs.append(
                 ("SAELens topk", replace(base, tool="saelens", label=label, arch="topk", k=int(k)))
