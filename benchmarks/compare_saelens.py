@@ -69,12 +69,13 @@ class RunSpec:
     train_batch: int = 4096
     prompts: int = 16
     buffer_batches: int = 16  # drrik's n_batches_in_buffer; SAELens gets the same token count
-    dead_window_steps: int = 1000
+    dead_window_steps: int = 1000  # 0: drrik's default window (in tokens)
     norm_batches: int = 8
     model_dtype: str = "float32"
     autocast: bool = False
     compile_sae: bool = False
     b_dec_init: str = "zeros"  # SAELens starts b_dec at zero; drrik's default is the median
+    normalize_decoder: bool | None = False  # rows free, as SAELens; None: drrik's default
     sweep: str = ""
     log_every_steps: int = 10
     threads: int = 0  # 0: torch's default
@@ -178,7 +179,7 @@ def drrik_worker(spec: RunSpec) -> dict[str, Any]:
             aux_k_coefficient=spec.aux_k_coefficient,
             # SAELens's TopK keeps rows free and ranks by contribution; so does drrik's without
             # unit rows. Its standard SAE keeps rows free with a norm-weighted L1, as drrik does.
-            normalize_decoder=False,
+            normalize_decoder=spec.normalize_decoder,
         ),
         trainer=TrainerConfig(
             training_tokens=spec.tokens,
@@ -186,7 +187,8 @@ def drrik_worker(spec: RunSpec) -> dict[str, Any]:
             seed=spec.seed,
             autocast=spec.autocast,
             compile_sae=spec.compile_sae,
-            dead_feature_window=spec.dead_window_steps * spec.train_batch,
+            dead_feature_window=spec.dead_window_steps * spec.train_batch
+            or TrainerConfig.dead_feature_window,
             b_dec_init_method=spec.b_dec_init,
             log_every_steps=spec.log_every_steps,
             sweep=spec.sweep,
@@ -387,26 +389,35 @@ def worker_main(tool: str, spec_path: Path, result_path: Path) -> None:
 
 
 # -- the orchestrator ------------------------------------------------------------------------
-def saelens_python(arg: str | None) -> str:
-    """The interpreter of the SAELens environment: flag, environment variable, or .venv-bench."""
-    candidate = (
-        arg or os.environ.get("DRRIK_SAELENS_PYTHON") or str(REPO / ".venv-bench/bin/python")
-    )
+def peer_python(arg: str | None, tool: str, env_var: str, venv: str, also: str = "") -> str:
+    """The interpreter of a peer tool's own environment: the flag's value, else ``env_var``,
+    else ``venv``/bin/python in the repository; ``also`` ends the message when none is there."""
+    candidate = arg or os.environ.get(env_var) or str(REPO / venv / "bin/python")
     if not Path(candidate).exists():
         sys.exit(
-            f"no SAELens interpreter at {candidate}; create it (see benchmarks/README.md) or pass "
-            "--saelens-python / set DRRIK_SAELENS_PYTHON, or run with --skip-saelens"
+            f"no {tool} interpreter at {candidate}; create it (see benchmarks/README.md) or pass "
+            f"--{tool.lower()}-python / set {env_var}{also}"
         )
     return candidate
 
 
-def run_worker(spec: RunSpec, python: str, work: Path) -> dict[str, Any]:
-    """Run one training in its own process; its log goes to work/<label>.log."""
+def saelens_python(arg: str | None) -> str:
+    """The interpreter of the SAELens environment: flag, environment variable, or .venv-bench."""
+    return peer_python(
+        arg, "SAELens", "DRRIK_SAELENS_PYTHON", ".venv-bench", ", or run with --skip-saelens"
+    )
+
+
+def run_worker(
+    spec: RunSpec, python: str, work: Path, script: Path | None = None
+) -> dict[str, Any]:
+    """Run one training in its own process (``script --worker TOOL``, this file by default);
+    its log goes to work/<label>.log."""
     spec_path, result_path = work / f"{spec.label}.spec.json", work / f"{spec.label}.result.json"
     spec_path.write_text(json.dumps(asdict(spec)))
     result_path.unlink(missing_ok=True)
     log = work / f"{spec.label}.log"
-    cmd = [python, str(Path(__file__).resolve()), "--worker", spec.tool]
+    cmd = [python, str(script or Path(__file__).resolve()), "--worker", spec.tool]
     cmd += ["--spec", str(spec_path), "--result", str(result_path)]
     print(f"[{spec.label}] training {spec.tokens:,} tokens (log: {log})", flush=True)
     env = {**os.environ, "WANDB_MODE": "disabled", "TQDM_DISABLE": "1"}
@@ -505,18 +516,13 @@ def evaluate_saes(
     return metrics
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_shared_args(p: argparse.ArgumentParser) -> None:
+    """The options every comparison with a peer tool takes (this one and compare_sparsify)."""
     p.add_argument("--tokens", type=int, default=250_000, help="training tokens per run")
-    p.add_argument("--archs", default="relu,topk", help="relu (L1; SAELens standard), topk")
     p.add_argument("--hook", default="blocks.6.hook_resid_post")
     p.add_argument("--d-sae", type=int, default=4608)
-    p.add_argument("--k", type=int, default=32)
-    p.add_argument("--l1-coefficient", type=float, default=5.0)
-    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--train-batch", type=int, default=4096)
-    p.add_argument("--prompts", type=int, default=16, help="contexts per model forward")
+    p.add_argument("--train-batch", type=int, default=4096, help="tokens per training batch")
     p.add_argument("--context-size", type=int, default=128)
     p.add_argument("--eval-contexts", type=int, default=64)
     p.add_argument(
@@ -528,6 +534,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=True,
         help="bf16 autocast for drrik's SAE step",
     )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="train each main pair this many times, in alternating order; the fastest counts",
+    )
+    p.add_argument("--work-dir", type=Path, default=None, help="data, runs and logs")
+    p.add_argument("--out", type=Path, default=HERE / "results")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_shared_args(p)
+    p.add_argument("--archs", default="relu,topk", help="relu (L1; SAELens standard), topk")
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--l1-coefficient", type=float, default=5.0)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--prompts", type=int, default=16, help="contexts per model forward")
     p.add_argument(
         "--drrik-compile",
         default="",
@@ -549,18 +573,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--sweep", action="store_true", help="also train 4 SAEs from one drrik stream")
     p.add_argument("--flatness", action="store_true", help="also run drrik at 10x --tokens")
-    p.add_argument(
-        "--repeats",
-        type=int,
-        default=1,
-        help="train each main pair this many times, in alternating order; the fastest counts",
-    )
     p.add_argument("--skip-saelens", action="store_true")
     p.add_argument("--skip-floor", action="store_true")
     p.add_argument("--floor-rounds", type=int, default=3, help="floor rounds before and after")
     p.add_argument("--saelens-python", default=None)
-    p.add_argument("--work-dir", type=Path, default=None, help="data, runs and logs")
-    p.add_argument("--out", type=Path, default=HERE / "results")
     p.add_argument("--worker", choices=("drrik", "saelens"), help=argparse.SUPPRESS)
     p.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -704,11 +720,13 @@ def main() -> None:
     write_results("compare_saelens-cpu", result, markdown(result), args.out)
 
 
-def runs_versions(python: str) -> dict[str, str]:
-    """Package versions inside the SAELens environment."""
+def runs_versions(
+    python: str, dists: tuple[str, ...] = ("sae-lens", "transformer-lens", "torch", "transformers")
+) -> dict[str, str]:
+    """Package versions inside another environment (the SAELens one by default)."""
     code = (
         "import importlib.metadata as m, json; print(json.dumps({d: m.version(d) for d in "
-        "('sae-lens', 'transformer-lens', 'torch', 'transformers')}))"
+        f"{dists!r}}}))"
     )
     out = subprocess.run([python, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
