@@ -88,8 +88,8 @@ class SAEConfig(Serializable):
     batchtopk_threshold_momentum: float = 0.9
     """BatchTopK: EMA momentum of the inference threshold (min kept activation per batch).
     The activations drift while training, so the EMA lags by about 1 / (1 - momentum) steps:
-    at 0.99 the threshold ended 10-20% above the last batches' and kept 23-30% fewer than k
-    features per held-out token after a few hundred steps."""
+    at 0.99 the threshold ended 10 to 20 percent above the last batches' and kept 23 to 30
+    percent fewer than k features per held-out token after a few hundred steps."""
 
     dtype: str = "float32"
     """Parameter dtype: float32, float64, bfloat16 or float16."""
