@@ -525,15 +525,7 @@ def add_shared_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-batch", type=int, default=4096, help="tokens per training batch")
     p.add_argument("--context-size", type=int, default=128)
     p.add_argument("--eval-contexts", type=int, default=64)
-    p.add_argument(
-        "--drrik-model-dtype", default="bfloat16", help="drrik's LM dtype (float32, bfloat16)"
-    )
-    p.add_argument(
-        "--drrik-autocast",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="bf16 autocast for drrik's SAE step",
-    )
+    add_drrik_dtype_args(p)
     p.add_argument(
         "--repeats",
         type=int,
@@ -542,6 +534,35 @@ def add_shared_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--work-dir", type=Path, default=None, help="data, runs and logs")
     p.add_argument("--out", type=Path, default=HERE / "results")
+
+
+def add_drrik_dtype_args(p: argparse.ArgumentParser) -> None:
+    """drrik's LM dtype and SAE-step autocast; unset, what ``drrik train`` picks on this CPU
+    (:func:`resolve_drrik_dtypes`)."""
+    p.add_argument(
+        "--drrik-model-dtype",
+        default=None,
+        help="drrik's LM dtype (float32, bfloat16; default: drrik's, bfloat16 where native)",
+    )
+    p.add_argument(
+        "--drrik-autocast",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bf16 autocast for drrik's SAE step (default: drrik's, on where bf16 is native)",
+    )
+
+
+def resolve_drrik_dtypes(args: argparse.Namespace) -> None:
+    """Fill an unset --drrik-model-dtype / --drrik-autocast with drrik's own default on this CPU:
+    bf16 where it is native, float32 elsewhere (emulated bf16 is slower, not faster). Imports
+    drrik, so only the parent process calls it, never the SAELens worker."""
+    from drrik.model import native_bfloat16
+
+    native = native_bfloat16("cpu")
+    if args.drrik_model_dtype is None:
+        args.drrik_model_dtype = "bfloat16" if native else "float32"
+    if args.drrik_autocast is None:
+        args.drrik_autocast = native
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -591,6 +612,7 @@ def main() -> None:
     from drrik.model import load_model
     from drrik.paths import cache_dir
 
+    resolve_drrik_dtypes(args)
     work = args.work_dir or cache_dir() / "bench-compare"
     work.mkdir(parents=True, exist_ok=True)
     archs = [a.strip() for a in args.archs.split(",") if a.strip()]

@@ -44,6 +44,7 @@ from compare_saelens import (  # noqa: E402
     evaluate_saes,
     peer_python,
     prepare_data,
+    resolve_drrik_dtypes,
     run_worker,
     runs_versions,
 )
@@ -210,6 +211,7 @@ def main() -> None:
     python = peer_python(
         args.sparsify_python, "sparsify", "DRRIK_SPARSIFY_PYTHON", ".venv-sparsify"
     )
+    resolve_drrik_dtypes(args)
     work = args.work_dir or cache_dir() / "bench-sparsify"
     work.mkdir(parents=True, exist_ok=True)
     model_dir = resolve_model_source("smollm2-135m")

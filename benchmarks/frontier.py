@@ -10,7 +10,8 @@ start. Per architecture it trains
   "standard" SAE, decoder-norm-weighted L1), ``--ks`` for topk;
 - drrik: one run per family, every setting from one stream (``--sweep``): relu at the same
   L1 values, relu at ``--target-l0s`` (the L0 controller, started from ``--target-start-l1``),
-  topk at the same ks; the SAE step under bf16 autocast (``autocast=True``).
+  topk at the same ks; LM dtype and SAE-step autocast as ``drrik train`` picks them (bf16 where
+  native, float32 elsewhere) unless ``--drrik-model-dtype`` / ``--drrik-autocast`` say.
 
 Every SAE is then evaluated by drrik's evaluator on the same held-out contexts (fp32 model), and
 both metrics are drawn against the held-out L0, one panel each (``results/frontier-cpu.png``).
@@ -46,8 +47,10 @@ sys.path.insert(0, str(HERE))
 
 from compare_saelens import (  # noqa: E402
     RunSpec,
+    add_drrik_dtype_args,
     base_spec,
     evaluate_saes,
+    resolve_drrik_dtypes,
     run_worker,
     runs_versions,
     saelens_python,
@@ -77,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-contexts", type=int, default=64)
     p.add_argument("--context-size", type=int, default=128)
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate the first N contexts")
-    p.add_argument("--drrik-model-dtype", default="bfloat16", help="drrik's LM dtype")
+    add_drrik_dtype_args(p)
     p.add_argument("--probe-l1", default="", help="only probe: drrik relu L0 at these L1 values")
     p.add_argument("--skip-saelens", action="store_true")
     p.add_argument("--jobs", type=int, default=1, help="trainings at once, each its own process")
@@ -93,7 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def plan(args: argparse.Namespace, base: RunSpec) -> list[tuple[str, RunSpec]]:
     """(family, spec) of every training run: a family is one curve of the plot."""
-    drrik = {"model_dtype": args.drrik_model_dtype, "autocast": True}
+    drrik = {"model_dtype": args.drrik_model_dtype, "autocast": args.drrik_autocast}
     if args.probe_l1:
         spec = replace(base, label="drrik-relu-l1", sweep=f"l1_coefficient={args.probe_l1}")
         return [("drrik relu (L1)", replace(spec, **drrik))]
@@ -280,9 +283,10 @@ def markdown(result: dict[str, Any]) -> str:
         f"training tokens ({s['tokens'] // s['train_batch']} steps) per SAE, lr {s['lr']}, seed "
         f"{s['seed']}, b_dec started at zero, inputs scaled to norm sqrt(d_in), free decoder "
         "rows; the same pretokenized contexts for every run (compare_saelens.py's). drrik: LM in "
-        f"{s['drrik_model_dtype']}, SAE step under bf16 autocast, every setting of a family from "
-        "one stream (`--sweep`); SAELens 6.54: its defaults (fp32 LM and SAE), one run per "
-        "setting. Held-out: drrik's evaluator, fp32 model, "
+        f"{s['drrik_model_dtype']}, SAE step "
+        f"{'under bf16 autocast' if s['drrik_autocast'] else 'in float32'}, every setting of a "
+        "family from one stream (`--sweep`); SAELens 6.54: its defaults (fp32 LM and SAE), one "
+        "run per setting. Held-out: drrik's evaluator, fp32 model, "
         f"{s['eval_limit'] or s['eval_contexts']} contexts of 128 tokens, the same for every SAE.",
         "",
         "Train tok/s: activations trained on per second of one run's training loop; a drrik "
@@ -331,6 +335,7 @@ def main() -> None:
     args = parse_args()
     from drrik.paths import cache_dir
 
+    resolve_drrik_dtypes(args)
     work = args.work_dir or cache_dir() / "bench-frontier"
     work.mkdir(parents=True, exist_ok=True)
     sae_python = None if args.skip_saelens or args.probe_l1 else saelens_python(args.saelens_python)
