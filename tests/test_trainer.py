@@ -34,6 +34,7 @@ from drrik.config import (
 from drrik.errors import ConfigError
 from drrik.evaluate import EvalTarget
 from drrik.learner import Learner, TrainingDiverged
+from drrik.model import native_bfloat16
 from drrik.pipeline import train, train_run
 from drrik.run import Run
 from drrik.run_dir import RunDir
@@ -160,9 +161,14 @@ def test_run_directory_has_config_metrics_and_final_sae(trained: Trained) -> Non
     expected = trained.run.cfg.to_dict()
     expected.pop("out")
     assert saved == expected
-    # The config saved is the one used, resolved; the caller's is left as it was.
-    assert saved["distributed"]["data_shards"] == 1 and saved["model"]["model_dtype"] == "bfloat16"
+    # The config saved is the one used, resolved for this CPU (bf16 only where it is native);
+    # the caller's is left as it was.
+    native = native_bfloat16("cpu")
+    assert saved["distributed"]["data_shards"] == 1
+    assert saved["model"]["model_dtype"] == ("bfloat16" if native else "float32")
+    assert saved["trainer"]["autocast"] is native
     assert cfg.distributed.data_shards == 0 and cfg.model.model_dtype == "auto"
+    assert cfg.trainer.autocast is None
     assert RunConfig.from_dict(saved).trainer.training_tokens == BATCH * STEPS
 
     rows = RunDir(out).read_metrics()
