@@ -126,6 +126,9 @@ class Trainer:
             unit_scale=True,
             disable=not self.run.verbose,
             dynamic_ncols=True,
+            # The rate and ETA over the whole run: steps that refill the mixing buffer wait on
+            # the model and the rest do not, so tqdm's moving average swung 5x and its ETA with it.
+            smoothing=0,
         )
 
     def _next_batch(self) -> dict[str, torch.Tensor]:
