@@ -38,9 +38,11 @@ STANDARD: dict[str, tuple[str, float]] = {
 """Held-out metric: (comparison, bound) that a default SAE must meet (issue 14)."""
 
 
-def train(flags: list[str], out: Path) -> dict[str, Any]:
-    """One ``drrik train`` process with ``flags``; its wall time and held-out metrics."""
-    env = {**os.environ, "WANDB_MODE": "disabled"}
+def drrik_process(flags: list[str], out: Path) -> dict[str, Any]:
+    """One ``drrik train --out out *flags`` process, timed from spawn to exit: its wall time, the
+    load average at its start, its evaluation's cost (from its log), its loop's tokens/s and the
+    saved SAE's cfg.json (held-out metrics under ``metadata.eval``)."""
+    env = {**os.environ, "WANDB_MODE": "disabled", "TQDM_DISABLE": "1"}
     cmd = [sys.executable, "-m", "drrik", "train", "--out", str(out), *flags]
     load = os.getloadavg()[0]
     started = time.perf_counter()
@@ -50,17 +52,26 @@ def train(flags: list[str], out: Path) -> dict[str, Any]:
         raise RuntimeError(f"drrik train {' '.join(flags)} failed:\n{proc.stderr[-3000:]}")
     evaluation = re.search(r"held-out evaluation took ([0-9.]+) s", proc.stderr)
     assert evaluation is not None, "drrik train no longer reports its evaluation's cost"
-    cfg = json.loads((out / "final" / "cfg.json").read_text())
-    metrics = dict(cfg["metadata"]["eval"])
-    metrics["dead_fraction"] = metrics["dead_features"] / cfg["d_sae"]
-    metrics["dense_fraction"] = metrics["dense_features"] / cfg["d_sae"]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {
-        "flags": flags,
         "wall_s": wall,
         "load_average_at_start": round(load, 2),
         "eval_s": float(evaluation.group(1)),
         "loop_tokens_per_s": rows[-1]["tokens"] / rows[-1]["elapsed_s"],
+        "cfg": json.loads((out / "final" / "cfg.json").read_text()),
+    }
+
+
+def train(flags: list[str], out: Path) -> dict[str, Any]:
+    """One ``drrik train`` with ``flags``; its timings and held-out metrics against STANDARD."""
+    run = drrik_process(flags, out)
+    cfg = run.pop("cfg")
+    metrics = dict(cfg["metadata"]["eval"])
+    metrics["dead_fraction"] = metrics["dead_features"] / cfg["d_sae"]
+    metrics["dense_fraction"] = metrics["dense_features"] / cfg["d_sae"]
+    return {
+        "flags": flags,
+        **run,
         "architecture": cfg["architecture"],
         "d_sae": cfg["d_sae"],
         "k": cfg.get("k"),

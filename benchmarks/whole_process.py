@@ -17,11 +17,7 @@ shared machine's load falls on both alike; medians are reported.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,39 +29,25 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from compare_saelens import (  # noqa: E402
     RunSpec,
-    prepare_data,
+    base_spec,
     run_worker,
     runs_versions,
     saelens_python,
 )
+from default_sae import drrik_process  # noqa: E402
 from machine import machine_info, machine_line, write_results  # noqa: E402
 
 QUALITY = ("explained_variance", "l0", "ce_loss_recovered", "dead_features", "dense_features")
 """drrik's held-out metrics, from the saved SAE's cfg.json."""
 
 
-def drrik_process(args: argparse.Namespace, arch: str, data_dir: Path, out: Path) -> dict:
+def drrik(args: argparse.Namespace, arch: str, data_dir: Path, out: Path) -> dict:
     """``drrik train`` with the shared flags only; wall time of the whole process."""
-    cmd = [sys.executable, "-m", "drrik", "train", "--hook", args.hook]
-    cmd += ["--architecture", arch, "--training-tokens", str(args.tokens)]
-    cmd += ["--context-size", str(args.context_size), "--dataset", str(data_dir)]
-    cmd += ["--out", str(out)]
-    env = {**os.environ, "WANDB_MODE": "disabled", "TQDM_DISABLE": "1"}
-    started = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    wall = time.perf_counter() - started
-    if proc.returncode != 0:
-        raise RuntimeError(f"drrik train failed:\n{proc.stderr[-3000:]}")
-    evaluation = re.search(r"held-out evaluation took ([0-9.]+) s", proc.stderr)
-    assert evaluation is not None, "drrik train no longer reports its evaluation's cost"
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    final = json.loads((out / "final" / "cfg.json").read_text())["metadata"]["eval"]
-    return {
-        "wall_s": wall,
-        "eval_s": float(evaluation.group(1)),
-        "loop_tokens_per_s": rows[-1]["tokens"] / rows[-1]["elapsed_s"],
-        **{key: final[key] for key in QUALITY},
-    }
+    flags = ["--hook", args.hook, "--architecture", arch, "--training-tokens", str(args.tokens)]
+    flags += ["--context-size", str(args.context_size), "--dataset", str(data_dir)]
+    run = drrik_process(flags, out)
+    final = run.pop("cfg")["metadata"]["eval"]
+    return {**run, **{key: final[key] for key in QUALITY}}
 
 
 def saelens_process(
@@ -89,6 +71,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--hook", default="blocks.6.hook_resid_post")
     p.add_argument("--context-size", type=int, default=128)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--eval-contexts", type=int, default=64, help="held-out contexts cut")
     p.add_argument("--saelens-python", default=None)
     p.add_argument("--out", type=Path, default=HERE / "results")
     return p.parse_args()
@@ -97,31 +80,21 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     from drrik.config import StoreConfig, TrainerConfig
-    from drrik.model import resolve_model_source
     from drrik.paths import cache_dir
     from drrik.sae import SAEConfig
 
     python = saelens_python(args.saelens_python)
     work = cache_dir() / "bench-whole-process"
     work.mkdir(parents=True, exist_ok=True)
-    model_dir = resolve_model_source("smollm2-135m")
-    n_train = int((args.tokens + 3 * 32768) / (args.context_size - 1) * 1.05) + 64
-    data_dir = prepare_data(model_dir, args.context_size, n_train, 64, work)
+    _, data_dir, base = base_spec(args, work, args.tokens)
     store, trainer, sae = StoreConfig(), TrainerConfig(), SAEConfig()
-    base = RunSpec(  # SAELens gets drrik's default batch, buffer, lr, width, k and L1
+    base = replace(  # SAELens gets drrik's default batch, buffer, lr, width, k and L1
+        base,
         tool="saelens",
-        label="",
-        arch="",
-        model_dir=model_dir,
-        data_dir=str(data_dir),
-        out_dir="",
-        hook=args.hook,
-        context_size=args.context_size,
         d_sae=8 * 576,
         k=sae.resolved_k(),
         l1_coefficient=sae.l1_coefficient,
         lr=trainer.lr,
-        tokens=args.tokens,
         train_batch=store.train_batch_size_tokens,
         prompts=store.store_batch_size_prompts,
         buffer_batches=store.n_batches_in_buffer,
@@ -134,7 +107,7 @@ def main() -> None:
                 print(f"round {r + 1}: {tool} {arch}", flush=True)
                 if tool == "drrik":
                     with tempfile.TemporaryDirectory() as tmp:
-                        run = drrik_process(args, arch, data_dir, Path(tmp) / "run")
+                        run = drrik(args, arch, data_dir, Path(tmp) / "run")
                 else:
                     run = saelens_process(args, arch, base, python, work)
                 runs.setdefault(f"{tool}-{arch}", []).append(run)
