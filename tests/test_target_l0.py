@@ -125,23 +125,27 @@ class SampleStore:
         return 1.0
 
 
+@pytest.mark.parametrize("architecture", ["jumprelu", "gated"])
 @pytest.mark.parametrize("target", [2, 8])
-def test_jumprelu_thresholds_start_where_about_the_target_fires(target: int) -> None:
-    """Each feature's threshold starts at the quantile of its pre-activations (after b_dec is
-    set) where it fires on target / d_sae of the tokens; without a target, at the config's."""
+def test_features_start_firing_on_about_the_target(architecture: str, target: int) -> None:
+    """With a target, each feature starts firing on target / d_sae of the tokens: jumprelu's
+    threshold at that quantile of its pre-activations (after b_dec is set), gated's gate bias
+    shifted by it. Without one, jumprelu's thresholds start at the config's and about half of
+    the random start's features fire."""
     torch.manual_seed(0)
     x = torch.randn(4096, 16) * 3 + 1
     for target_l0 in (target, None):
-        cfg = SAEConfig(architecture="jumprelu", d_in=16, d_sae=64, target_l0=target_l0)
+        cfg = SAEConfig(architecture=architecture, d_in=16, d_sae=64, target_l0=target_l0)
         learner = Learner.build(
             DictionarySpec("s", (HOOK,), (HOOK,), cfg), TrainerConfig(), 4, torch.device("cpu")
         )
         learner.initialize([SampleStore(x)], Distributed())
         sae = learner.sae
         assert torch.equal(sae.b_dec, geometric_median(x))
-        fires = (sae.pre_acts(x) > sae.threshold).float()
+        fires = (sae.encode(x) > 0).float()
         if target_l0 is None:
-            torch.testing.assert_close(sae.threshold, torch.full((64,), 0.001))
+            if architecture == "jumprelu":
+                torch.testing.assert_close(sae.threshold, torch.full((64,), 0.001))
             assert fires.sum(1).mean() > 16
             continue
         assert fires.sum(1).mean() == pytest.approx(target, rel=0.02)

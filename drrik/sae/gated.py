@@ -71,6 +71,17 @@ class GatedSAE(SAE):
         loss = torch.stack(list(losses.values())).sum()
         return TrainOutput(loss=loss, losses=losses, feature_acts=feature_acts, x_hat=x_hat)
 
+    @torch.no_grad()
+    def start_near_l0(self, x: Tensor, target_l0: int) -> None:
+        """Shift each gate bias so the gate opens on ``target_l0 / d_sae`` of the tokens in
+        ``x``. From the random start half the gates are open; the controller then drives the
+        coefficient up 20x within tens of steps and the L0 crashes far below the target, killing
+        features (measured: EV 0.66 at target 16 against 0.8+ from this start)."""
+        n = x.shape[0]
+        kept = min(n, max(1, round(n * target_l0 / self.d_sae)))
+        gate, _ = self.gate_and_magnitude(x)
+        self.b_enc.sub_(gate.float().topk(kept, dim=0).values[-1].to(self.b_enc.dtype))
+
     def _fold_scale_extras(self, scale: float) -> None:
         self.b_mag.div_(scale)
 
