@@ -22,7 +22,15 @@ from drrik.errors import ConfigError, require
 from drrik.evaluate import Evaluator, held_out_contexts
 from drrik.learner import Learner
 from drrik.logs import get_logger
-from drrik.model import load_model, native_bfloat16, resolve_dtype, use_tf32_matmuls
+from drrik.model import (
+    config_hook_width,
+    config_n_layers,
+    load_model,
+    local_model_config,
+    native_bfloat16,
+    resolve_dtype,
+    use_tf32_matmuls,
+)
 from drrik.rng import seed_everything
 from drrik.run import Run, restore
 from drrik.run_dir import RunDir, default_run_name
@@ -51,8 +59,9 @@ def assemble(
 ) -> Run:
     """Build the run ``cfg`` describes; ``model`` and ``dataset`` replace loading them.
 
-    Everything that can be refused is checked before the model loads: the process layout, the
-    run directory (another config's run, or one in use), the wandb mode and the dataset.
+    Everything that can be refused is checked before the model loads: the process layout, k
+    and target_l0 against the hook width (when the model's config is on disk), the run
+    directory (another config's run, or one in use), the wandb mode and the dataset.
     """
     dist = Distributed.from_environment(
         cfg.model.device, cfg.distributed.distributed_timeout_minutes
@@ -70,6 +79,8 @@ def assemble(
         "name the run directory (--out) when training with several processes",
     )
     cfg = resolved_config(cfg, dist)
+    if model is None:
+        _check_widths_before_loading(cfg)
     run_dir = RunDir(cfg.out)
     run_dir.check_reusable(cfg, load=lambda path: load_config_file(path, cfg.model.device))
     lock = _hold(run_dir, dist)
@@ -79,6 +90,20 @@ def assemble(
         if lock is not None:
             lock.discard()
         raise
+
+
+def _check_widths_before_loading(cfg: RunConfig) -> None:
+    """k and target_l0 against the hook widths the model's config gives, when it is on disk: a
+    target wider than its hook is refused in seconds, not after the model loads. Every hook is
+    checked again once the model gives its widths."""
+    config = local_model_config(cfg.model.model)
+    n_layers = None if config is None else config_n_layers(config)
+    if config is None or n_layers is None:
+        return
+    for spec in cfg.dictionaries(n_layers):
+        d_in = config_hook_width(config, spec.input_hook)
+        if d_in is not None:
+            replace(spec.sae, d_in=d_in).check_buildable()
 
 
 def _hold(run_dir: RunDir, dist: Distributed) -> RunLock | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -184,6 +185,59 @@ def load_model(
             f"use a hub name, a local directory, a .gguf file or {EMBEDDED_MODEL}",
         ) from None
     return bridge.eval()
+
+
+RESIDUAL_WIDTH_HOOKS = (
+    "hook_embed",
+    "hook_resid_pre",
+    "hook_resid_mid",
+    "hook_resid_post",
+    "hook_attn_out",
+    "hook_mlp_out",
+    "mlp.hook_in",
+)
+"""Hook names (their last parts) whose width is the residual stream's, d_model."""
+
+
+def local_model_config(model: str) -> dict[str, Any] | None:
+    """The model's ``config.json`` when it is already on this disk (a local directory, the
+    embedded model or a GGUF once converted, a Hub download in the cache), else ``None``:
+    nothing is downloaded or converted, so width checks can run before the model loads."""
+    path = Path(model).expanduser()
+    if model == EMBEDDED_MODEL or path.suffix == ".gguf":
+        gguf = embedded_gguf_path() if model == EMBEDDED_MODEL else path
+        found: Path | str | None = _gguf_cache_dir(gguf) / "config.json" if gguf.is_file() else None
+    elif path.is_dir():
+        found = path / "config.json"
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            cached = try_to_load_from_cache(model, "config.json")
+        except ValueError:  # not a valid Hub name: the load says what is wrong with it
+            cached = None
+        found = cached if isinstance(cached, str) else None
+    if found is None or not Path(found).is_file():
+        return None
+    try:
+        return json.loads(Path(found).read_text())
+    except (OSError, ValueError):  # the load reports a damaged config in full
+        return None
+
+
+def config_hook_width(config: dict[str, Any], hook: str) -> int | None:
+    """A hook's width from the model's config, for residual-stream-width hooks; ``None``
+    for others (their width is read from a forward pass once the model loads)."""
+    if not hook.endswith(RESIDUAL_WIDTH_HOOKS):
+        return None
+    width = next((config[k] for k in ("hidden_size", "n_embd", "d_model") if k in config), None)
+    return width if isinstance(width, int) else None
+
+
+def config_n_layers(config: dict[str, Any]) -> int | None:
+    """The number of blocks from the model's config, ``None`` if it names them otherwise."""
+    n = next((config[k] for k in ("num_hidden_layers", "n_layer", "n_layers") if k in config), None)
+    return n if isinstance(n, int) else None
 
 
 def stop_at_layer(hooks: list[str]) -> int | None:

@@ -306,3 +306,20 @@ def test_a_target_l0_sweep_builds_one_dictionary_per_value() -> None:
         RunConfig(
             sae=SAEConfig(architecture="topk", k=8), trainer=TrainerConfig(sweep=["target_l0=16"])
         )
+
+
+def test_a_target_above_the_hook_width_is_refused_before_the_model_loads(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tiny model's config.json gives its residual width (64): a target of 100 is refused
+    without loading the model, and nothing is written."""
+
+    def no_load(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the model loaded before the width check")
+
+    monkeypatch.setattr("drrik.assemble.load_model", no_load)
+    cfg = target_config(tmp_path / "out", tiny_model_dir)
+    cfg.sae = replace(cfg.sae, target_l0=100)
+    with pytest.raises(ConfigError, match=r"^target_l0=100: use target_l0 <= d_in \(64\)$"):
+        assemble(cfg, verbose=False)
+    assert not (tmp_path / "out").exists()
