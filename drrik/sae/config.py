@@ -76,7 +76,8 @@ class SAEConfig(Serializable):
     jumprelu_bandwidth: float = 0.05
     """JumpReLU: width of the rectangle kernel in the straight-through estimator (SAELens's
     default). On inputs scaled to norm sqrt(d_in), 0.001 caught so few pre-activations that
-    the thresholds hardly answered the coefficient and --target-l0 missed by 40 percent (benchmarks/)."""
+    the thresholds hardly answered the coefficient and --target-l0 missed by 40 percent
+    (benchmarks/)."""
 
     aux_k_coefficient: float = 1 / 32
     """TopK/BatchTopK: weight of the AuxK loss that lets dead features model the residual."""
