@@ -33,6 +33,14 @@ DECODER_INIT_NORM = 0.1
 """Initial decoder-row norm when rows are not held at unit norm (Anthropic, April 2024)."""
 
 
+def firing_quantile(pre: Tensor, per_token: float) -> Tensor:
+    """Per feature, the value its pre-activations ``pre`` ([tokens, d_sae]) exceed on
+    ``per_token / d_sae`` of the tokens: a start at which about ``per_token`` features fire."""
+    n, d_sae = pre.shape
+    kept = min(n, max(1, round(n * per_token / d_sae)))
+    return pre.float().topk(kept, dim=0).values[-1]
+
+
 @dataclass
 class TrainOutput:
     """What one training forward pass returns.

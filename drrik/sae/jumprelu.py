@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
-from drrik.sae.base import SAE, TrainOutput
+from drrik.sae.base import SAE, TrainOutput, firing_quantile
 from drrik.sae.config import SAEConfig
 from drrik.sae.registry import register
 
@@ -145,9 +145,7 @@ class JumpReLUSAE(SAE):
         the ~half of the features that fire there down to a target of tens; from here the L0
         controller only has the rest to do. A feature whose quantile is not above the
         configured start keeps that start."""
-        n = x.shape[0]
-        kept = min(n, max(1, round(n * START_L0_FACTOR * target_l0 / self.d_sae)))
-        quantile = self.pre_acts(x).float().topk(kept, dim=0).values[-1]
+        quantile = firing_quantile(self.pre_acts(x), START_L0_FACTOR * target_l0)
         start = torch.full_like(quantile, self.cfg.jumprelu_init_threshold)
         self.log_threshold.copy_(torch.maximum(quantile, start).log())
 
