@@ -74,6 +74,7 @@ def test_config_defaults_and_resolution() -> None:
         architecture="relu", scale_sparsity_by_decoder_norm=False
     ).resolved_normalize_decoder()
     assert SAEConfig(architecture="topk", k=4).resolved_normalize_decoder()
+    assert SAEConfig(architecture="gated").resolved_normalize_decoder()  # measured: benchmarks/
     assert (
         SAEConfig(architecture="topk", k=4, normalize_decoder=False).resolved_normalize_decoder()
         is False

@@ -185,9 +185,10 @@ class SAEConfig(Serializable):
         """Whether decoder rows are held at unit norm.
 
         Default: topk, batchtopk and jumprelu normalize (their sparsity terms ignore decoder
-        norms, so unit rows only remove a scale ambiguity). relu and gated normalize only when
-        the L1 is *not* weighted by decoder norms; with the weighted L1 (April 2024 recipe) the
-        penalty already removes the incentive to grow rows, so rows stay free.
+        norms, so unit rows only remove a scale ambiguity), and so does gated (measured:
+        GatedSAE.default_normalize_decoder). relu normalizes only when the L1 is *not* weighted
+        by decoder norms; with the weighted L1 (April 2024 recipe) the penalty already removes
+        the incentive to grow rows, so rows stay free.
         """
         if self.normalize_decoder is not None:
             return self.normalize_decoder

@@ -28,6 +28,14 @@ class GatedSAE(SAE):
     architecture = "gated"
     saelens_architecture = "gated"
 
+    @classmethod
+    def default_normalize_decoder(cls, cfg: SAEConfig) -> bool:
+        """Unit rows, as in the paper. Free rows start at norm 0.1, where the gate path that
+        the auxiliary loss trains must open 10x wider for the same output and the weighted L1
+        then fights it: at target L0 16 on the embedded model, batch EV 0.17 with free rows
+        against 0.81 with unit rows (benchmarks/README.md)."""
+        return True
+
     def __init__(self, cfg: SAEConfig, device: torch.device | str | None = None) -> None:
         super().__init__(cfg, device=device)
         dtype = cfg.torch_dtype()
