@@ -213,6 +213,15 @@ TRANSCODERS = (
     *("--layers", "0", "1", "--skip-connection", "true"),
 )
 """Flags that turn the run into a skip transcoder per layer (the last --hook wins)."""
+MATRYOSHKA_CASE = "matryoshka-between-checkpoints"
+MATRYOSHKA = ("--architecture", "matryoshka_batchtopk", "--matryoshka-widths", "8", "32", "128")
+"""Flags that turn the run into a Matryoshka BatchTopK (the last --architecture wins)."""
+EXTRA_CASES: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {
+    TRANSCODER_CASE: (TRANSCODERS, ("blocks.0.mlp.hook_in", "blocks.1.mlp.hook_in"), "W_skip"),
+    MATRYOSHKA_CASE: (MATRYOSHKA, ("",), "threshold"),
+}
+"""Runs killed between checkpoints like the plain one, each compared with its own reference:
+case -> (extra flags, its saved dictionaries' names, a tensor each must have)."""
 UNPAUSED_KILL_ROWS = 3
 
 
@@ -243,13 +252,13 @@ def launched(
     threads = []
     pauses = {
         **{name: pause for name, (pause, _) in KILL_CASES.items()},
-        TRANSCODER_CASE: "metrics:6",
+        **dict.fromkeys(EXTRA_CASES, "metrics:6"),
         **SIGNAL_CASES,
     }
     for name, pause in pauses.items():
         root = tmp_path_factory.mktemp(name)
         marker = root / "marker"
-        extra = TRANSCODERS if name == TRANSCODER_CASE else ()
+        extra = EXTRA_CASES[name][0] if name in EXTRA_CASES else ()
         args = train_args(tiny_model_dir, dataset_file, root / "run", *extra)
         if pause is None:
             cmd = [sys.executable, "-m", "drrik", *args]
@@ -264,7 +273,7 @@ def launched(
         with open(root / "stdout", "wb") as out, open(root / "stderr", "wb") as err:
             proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
         runs[name] = Launched(proc, args, root / "run", marker, root)
-        if name in KILL_CASES or name == TRANSCODER_CASE:
+        if name in KILL_CASES or name in EXTRA_CASES:
             killer = threading.Thread(target=_kill_when_ready, args=(runs[name], bool(pause)))
             threads.append(killer)
             killer.start()
@@ -320,7 +329,9 @@ def test_kill_9_then_resume_gives_identical_weights_and_metrics(
     assert not list((out / "checkpoints").glob(".*")), "a temporary checkpoint was left"
 
 
-def test_kill_9_of_a_skip_transcoder_set_resumes_to_identical_weights(
+@pytest.mark.parametrize("case", list(EXTRA_CASES))
+def test_kill_9_of_other_dictionaries_resumes_to_identical_weights(
+    case: str,
     launched: dict[str, Launched],
     tiny_model_dir: Path,
     dataset_file: Path,
@@ -328,17 +339,19 @@ def test_kill_9_of_a_skip_transcoder_set_resumes_to_identical_weights(
     capfd: pytest.CaptureFixture[str],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Both scales, W_skip and the target-initialized b_dec of each layer resume exactly."""
-    run = launched[TRANSCODER_CASE]
+    """What else a checkpoint holds resumes exactly: a skip transcoder set's two scales,
+    W_skip and target-initialized b_dec per layer; a Matryoshka's learned threshold."""
+    flags, names, extra_tensor = EXTRA_CASES[case]
+    run = launched[case]
     run.proc.wait(timeout=WAIT_S)
     assert run.proc.returncode == -signal.SIGKILL, run.stderr()
     assert checkpoint_steps(run.out) == [4] and metric_rows(run.out)[-1][1] == 6
     code, err = run_cli(["train", "--resume", str(run.out)], capfd, caplog)
     assert code == 0, err
     reference = tmp_path / "reference"
-    assert main(train_args(tiny_model_dir, dataset_file, reference, *TRANSCODERS)) == 0
-    for name in ("blocks.0.mlp.hook_in", "blocks.1.mlp.hook_in"):
-        assert "W_skip" in final_tensors(reference, name)
+    assert main(train_args(tiny_model_dir, dataset_file, reference, *flags)) == 0
+    for name in names:
+        assert extra_tensor in final_tensors(reference, name)
         assert_same_final(run.out, reference, name)
     assert metric_rows(run.out) == metric_rows(reference)
 

@@ -22,6 +22,7 @@ from drrik.sae import (
     DeadFeatureTracker,
     GatedSAE,
     JumpReLUSAE,
+    MatryoshkaBatchTopKSAE,
     ReLUSAE,
     SAEConfig,
     TopKSAE,
@@ -38,7 +39,7 @@ D_IN, D_SAE = 6, 10
 def make(architecture: str, seed: int = 0, **overrides) -> SAE:
     """A small SAE with every parameter randomized (biases too), so hand checks see them."""
     kwargs = {"architecture": architecture, "d_in": D_IN, "d_sae": D_SAE}
-    if architecture in ("topk", "batchtopk"):
+    if ARCHITECTURES[architecture].needs_k:
         kwargs["k"] = 3
     kwargs.update(overrides)
     torch.manual_seed(seed)
@@ -113,6 +114,7 @@ SHIPPED = {
     "relu": ReLUSAE,
     "topk": TopKSAE,
     "batchtopk": BatchTopKSAE,
+    "matryoshka_batchtopk": MatryoshkaBatchTopKSAE,
     "jumprelu": JumpReLUSAE,
     "gated": GatedSAE,
 }
@@ -594,7 +596,7 @@ def test_batchtopk_saved_as_jumprelu_gives_similar_acts(tmp_path) -> None:
 @pytest.mark.parametrize("apply_b_dec", [True, False])
 def test_fold_activation_scale_is_exact(architecture: str, apply_b_dec: bool) -> None:
     sae = make(architecture, normalize_decoder=False, apply_b_dec_to_input=apply_b_dec)
-    if architecture == "batchtopk":
+    if isinstance(sae, BatchTopKSAE):
         sae.training_forward(inputs(32), 0.0)  # learn a non-zero threshold
     sae.eval()
     x, scale = inputs(16, seed=4) * 2.0, 3.7
@@ -617,6 +619,7 @@ SAELENS_WEIGHTS = {
     "relu": {"W_enc", "W_dec", "b_enc", "b_dec"},
     "topk": {"W_enc", "W_dec", "b_enc", "b_dec"},
     "batchtopk": {"W_enc", "W_dec", "b_enc", "b_dec", "threshold"},
+    "matryoshka_batchtopk": {"W_enc", "W_dec", "b_enc", "b_dec", "threshold"},
     "jumprelu": {"W_enc", "W_dec", "b_enc", "b_dec", "threshold"},
     "gated": {"W_enc", "W_dec", "b_dec", "b_gate", "b_mag", "r_mag"},
 }
@@ -624,6 +627,7 @@ SAELENS_NAMES = {
     "relu": "standard",
     "topk": "topk",
     "batchtopk": "jumprelu",
+    "matryoshka_batchtopk": "jumprelu",
     "jumprelu": "jumprelu",
     "gated": "gated",
 }
@@ -633,7 +637,7 @@ SAELENS_NAMES = {
 @pytest.mark.parametrize("normalize", [True, False])
 def test_save_load_round_trip(tmp_path, architecture: str, normalize: bool) -> None:
     sae = make(architecture, normalize_decoder=normalize)
-    if architecture == "batchtopk":
+    if isinstance(sae, BatchTopKSAE):
         sae.training_forward(inputs(32), 0.0)
     sae.eval()
     x = inputs(12, seed=7)

@@ -9,13 +9,21 @@ from __future__ import annotations
 
 import torch
 
-from drrik.sae import batchtopk, gated, jumprelu, relu, topk  # noqa: F401  (registration)
+from drrik.sae import (  # noqa: F401  (registration)
+    batchtopk,
+    gated,
+    jumprelu,
+    matryoshka,
+    relu,
+    topk,
+)
 from drrik.sae.base import SAE, SparseTrainOutput, TrainOutput
 from drrik.sae.batchtopk import BatchTopKSAE
 from drrik.sae.config import SAEConfig
 from drrik.sae.dead_features import DeadFeatureTracker, resample_dead_features
 from drrik.sae.gated import GatedSAE
 from drrik.sae.jumprelu import JumpReLUSAE
+from drrik.sae.matryoshka import MatryoshkaBatchTopKSAE
 from drrik.sae.registry import ARCHITECTURES, register
 from drrik.sae.relu import ReLUSAE
 from drrik.sae.saving import load_sae, load_sparsity, save_sae
@@ -37,6 +45,7 @@ __all__ = [
     "DeadFeatureTracker",
     "GatedSAE",
     "JumpReLUSAE",
+    "MatryoshkaBatchTopKSAE",
     "ReLUSAE",
     "SAEConfig",
     "TopKSAE",

@@ -8,7 +8,7 @@ defaults; combinations that cannot work are refused in ``__post_init__`` with a 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from simple_parsing.helpers import Serializable
@@ -29,7 +29,7 @@ class SAEConfig(Serializable):
     """Shape, architecture and loss of one sparse autoencoder."""
 
     architecture: str = "topk"
-    """SAE architecture: topk, batchtopk, relu, jumprelu or gated."""
+    """SAE architecture: topk, batchtopk, matryoshka_batchtopk, relu, jumprelu or gated."""
 
     d_in: int = 0
     """Input width; 0 means 'take it from the model's hook at run time'."""
@@ -94,6 +94,11 @@ class SAEConfig(Serializable):
     at 0.99 the threshold ended 10 to 20 percent above the last batches' and kept 23 to 30
     percent fewer than k features per held-out token after a few hundred steps."""
 
+    matryoshka_widths: list[int] = field(default_factory=list)
+    """matryoshka_batchtopk: the nested prefix widths, increasing and ending at d_sae (e.g.
+    576 2304 4608); each prefix of the features is trained to reconstruct alone. Empty =
+    d_sae/8, d_sae/4, d_sae/2, d_sae."""
+
     dtype: str = "float32"
     """Parameter dtype: float32, float64, bfloat16 or float16."""
 
@@ -156,6 +161,14 @@ class SAEConfig(Serializable):
             self.batchtopk_threshold_momentum,
             "use a momentum in [0, 1)",
         )
+        for width in self.matryoshka_widths:
+            require(width > 0, "matryoshka_widths", self.matryoshka_widths, "use widths > 0")
+        require(
+            sorted(set(self.matryoshka_widths)) == self.matryoshka_widths,
+            "matryoshka_widths",
+            self.matryoshka_widths,
+            "list the prefix widths in increasing order, ending at d_sae",
+        )
         require(
             not self.use_ghost_grads or sae_cls.supports_ghost_grads,
             "use_ghost_grads",
@@ -199,6 +212,14 @@ class SAEConfig(Serializable):
         aux_k = self.aux_k if self.aux_k is not None else max(self.d_in // 2, 1)
         return min(aux_k, self.resolved_d_sae())
 
+    def resolved_matryoshka_widths(self) -> list[int]:
+        """The nested prefix widths: matryoshka_widths, else d_sae/8, d_sae/4, d_sae/2, d_sae
+        (narrower prefixes dropped where d_sae is too small to halve)."""
+        if self.matryoshka_widths:
+            return list(self.matryoshka_widths)
+        d_sae = self.resolved_d_sae()
+        return sorted({d_sae // 8, d_sae // 4, d_sae // 2, d_sae} - {0})
+
     def torch_dtype(self) -> torch.dtype:
         """The parameter dtype as a torch dtype."""
         return dtypes.DTYPES[self.dtype]
@@ -213,6 +234,14 @@ class SAEConfig(Serializable):
         an L0 above d_in is no longer a sparse code of the input. Run at construction when a
         width is given, and again when the SAE is built, after the trainer fills d_in."""
         known = self.d_in > 0 or self.d_sae is not None
+        if known and self.matryoshka_widths and self.architecture == "matryoshka_batchtopk":
+            d_sae = self.resolved_d_sae()
+            require(
+                self.matryoshka_widths[-1] == d_sae,
+                "matryoshka_widths",
+                self.matryoshka_widths,
+                f"end the prefix widths at d_sae ({d_sae})",
+            )
         if self.target_l0 is None:  # else k is target_l0, checked below under its own name
             if known and ARCHITECTURES[self.architecture].needs_k:
                 d_sae, k = self.resolved_d_sae(), self.resolved_k()

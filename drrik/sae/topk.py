@@ -143,11 +143,13 @@ class TopKSAE(SAE):
     def encode(self, x: Tensor) -> Tensor:
         return self.activation(self.scaled_pre_acts(x))
 
-    def decode_directions(self, feature_acts: Tensor) -> Tensor:
-        """``feature_acts`` times the decoder, without ``b_dec``."""
+    def decode_directions(self, feature_acts: Tensor, features: slice = slice(None)) -> Tensor:
+        """``feature_acts`` times the decoder, without ``b_dec``; with ``features``, the
+        activations of that slice of the features times their decoder rows."""
+        rows = self.W_dec[features]
         if self.rescale_by_decoder_norm:
-            feature_acts = feature_acts / self.decoder_norms().clamp_min(1e-12)
-        return feature_acts @ self.W_dec
+            feature_acts = feature_acts / self.decoder_norms()[features].clamp_min(1e-12)
+        return feature_acts @ rows
 
     def decode(self, feature_acts: Tensor) -> Tensor:
         return self.decode_directions(feature_acts) + self.b_dec
@@ -172,22 +174,20 @@ class TopKSAE(SAE):
         x_hat = self.decode(feature_acts)
         losses = {
             "mse_loss": self.mse(x_hat, target),
-            "aux_loss": (
-                self.aux_k_loss(target, x_hat, pre, dead_mask)
-                if dead_mask is not None
-                else x_hat.new_zeros(())
-            ),
+            "aux_loss": self.aux_k_loss(target, x_hat, pre, dead_mask),
         }
         loss = torch.stack(list(losses.values())).sum()
         return TrainOutput(loss=loss, losses=losses, feature_acts=feature_acts, x_hat=x_hat)
 
-    def aux_k_loss(self, target: Tensor, x_hat: Tensor, pre: Tensor, dead_mask: Tensor) -> Tensor:
+    def aux_k_loss(
+        self, target: Tensor, x_hat: Tensor, pre: Tensor, dead_mask: Tensor | None
+    ) -> Tensor:
         """AuxK: the top ``aux_k`` *dead* features reconstruct the detached residual.
 
         Scaled by ``min(n_dead / aux_k, 1)`` so it fades out as features revive, and is zero
-        with no dead features, all without a host sync.
+        with no dead features (or no mask yet), all without a host sync.
         """
-        if not _any_dead(dead_mask):
+        if dead_mask is None or not _any_dead(dead_mask):
             return x_hat.new_zeros(())
         aux_k = self.cfg.resolved_aux_k()
         residual = (target - x_hat).detach()
