@@ -1,8 +1,11 @@
-"""A transcoder for every layer, from one forward pass: the loop against its floor, and memory.
+"""A transcoder for every layer, or one cross-layer transcoder over all of them, from one
+forward pass: the loop against its floor, memory, and quality per layer.
 
 One drrik run trains a TopK transcoder per layer of the embedded SmolLM2-135M (30 layers,
 ``blocks.N.mlp.hook_in`` -> ``blocks.N.hook_mlp_out``, 4x width, k 32) from one stream, with
-drrik's defaults otherwise (model dtype ``auto``, fp32 dictionaries, buffer of 16 model batches).
+drrik's defaults otherwise (model dtype ``auto``, fp32 dictionaries, buffer of 16 model batches);
+with ``--dictionary clt``, one TopK CLT over those layers instead (k and width per layer, so the
+total L0 matches the set's at the same flags).
 
 - **floor**: the two things the loop must do per batch, each timed alone in this process on the
   run's own batches: the full-depth forward to all 60 hooks, and the 30 transcoders' training
@@ -11,8 +14,11 @@ drrik's defaults otherwise (model dtype ``auto``, fp32 dictionaries, buffer of 1
   is ``forward tokens / forward rate + training tokens / step rate`` seconds.
 - **loop**: ``drrik train``'s three steps (assemble, ``Trainer.train``, final eval and export)
   in a separate process, so that its peak RSS is its own; the loop is timed alone.
+- **quality**: FVU per layer on held-out tokens (each layer's clean input; a CLT's layer from
+  every earlier layer's clean input too), and CE recovered with every layer replaced at once.
 
     python benchmarks/transcoder_set.py                    # writes results/transcoder_set-cpu.*
+    python benchmarks/transcoder_set.py --dictionary clt --expansion-factor 2
     python benchmarks/transcoder_set.py --tokens 20000 --layers 0 1 2 --rounds 2
 """
 
@@ -62,9 +68,10 @@ def run_config(args: argparse.Namespace, out: str) -> RunConfig:
             k=args.k,
             expansion_factor=args.expansion_factor,
             skip_connection=args.skip,
+            dictionary=args.dictionary,
         ),
         trainer=TrainerConfig(training_tokens=args.tokens, autocast=args.autocast),
-        eval=EvalConfig(eval_contexts=args.eval_contexts),
+        eval=EvalConfig(eval_contexts=args.eval_contexts, eval_together=args.dictionary == "sae"),
         checkpoint=CheckpointConfig(checkpoint_every_tokens=0, checkpoint_every_minutes=0),
         out=out,
     )
@@ -103,14 +110,16 @@ def loop_worker(args: argparse.Namespace) -> dict[str, Any]:
         peak_loop = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         t2 = time.perf_counter()
         assert run.evaluator is not None
-        metrics, densities = run.evaluator([lr.eval_target() for lr in run.learners])
+        targets = [lr.eval_target() for lr in run.learners]
+        metrics, densities = run.evaluator(targets)
+        together = run.evaluator.together(targets) if len(targets) > 1 else metrics["clt"]
         eval_s = time.perf_counter() - t2
+        fvu = per_layer_fvu(run)
         export_run(run, metrics, densities, logger)
         logger.finish()
         memory = parameter_mib(run)
         tokens = run.progress.tokens
         run.close()
-    fvu = {name: round(1 - m["explained_variance"], 4) for name, m in metrics.items()}
     return {
         "setup_s": round(setup_s, 1),
         "loop_s": round(loop_s, 1),
@@ -122,8 +131,36 @@ def loop_worker(args: argparse.Namespace) -> dict[str, Any]:
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         **memory,
         "held_out_fvu": fvu,
-        "held_out_l0_mean": round(statistics.mean(m["l0"] for m in metrics.values()), 2),
+        "held_out_total_l0": round(sum(m["l0"] for m in metrics.values()), 1),
+        "all_replaced": {k: round(together[k], 4) for k in ALL_REPLACED},
     }
+
+
+ALL_REPLACED = ("ce_loss_clean", "ce_loss_with_sae", "ce_loss_zero_ablated", "ce_loss_recovered")
+
+
+@torch.no_grad()
+def per_layer_fvu(run: Run) -> list[float]:
+    """Held-out FVU of every layer's output, in layer order, each layer's reconstruction
+    from clean inputs: for the set, its layer's transcoder; for a CLT, its slice."""
+    from drrik.topk_jumprelu import collect
+
+    assert run.evaluator is not None
+    pairs = [(lr.spec.reads, lr.spec.writes) for lr in run.learners]
+    width = sum(lr.sae.d_in + lr.sae.d_out for lr in run.learners)
+    ev = run.evaluator
+    held = collect(ev.model, ev.contexts, ev.exclude_ids, pairs, width)
+    fvu = []
+    for lr, pair in zip(run.learners, pairs, strict=True):
+        target = lr.eval_target()
+        lr.sae.eval()
+        out = torch.cat([target.reconstruct(x)[1] for x in held[pair].x.split(1024)])
+        layer_width = lr.sae.d_out // len(lr.spec.writes)
+        parts = zip(held[pair].y.split(layer_width, -1), out.split(layer_width, -1), strict=True)
+        for y, y_hat in parts:
+            total = (y - y.mean(0)).pow(2).sum()
+            fvu.append(round(float((y - y_hat).pow(2).sum() / total), 4))
+    return fvu
 
 
 def floor_fns(args: argparse.Namespace, tmp: str) -> tuple[dict[str, Any], dict[str, int], Run]:
@@ -155,6 +192,7 @@ def main() -> None:
     p.add_argument("-k", type=int, default=32)
     p.add_argument("--expansion-factor", type=int, default=4)
     p.add_argument("--skip", action="store_true", help="skip transcoders")
+    p.add_argument("--dictionary", choices=["sae", "clt"], default="sae", help="sae: one a layer")
     p.add_argument("--autocast", action="store_true", help="bf16 autocast for the steps")
     p.add_argument("--eval-contexts", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3, help="floor rounds before and after")
@@ -176,7 +214,9 @@ def main() -> None:
             sys.exit(f"the loop worker failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
         loop = json.loads(lines[0].removeprefix("RESULT "))
         after = alternate(fns, tokens, args.rounds)
-        n_dicts, d_sae = len(run.learners), run.learners[0].sae.d_sae
+        n_dicts, first = len(run.learners), run.learners[0]
+        d_sae = first.sae.d_sae // len(first.spec.writes)  # a CLT: per layer
+        covered = sum(len(lr.spec.writes) for lr in run.learners)
         run.close()
     rates = {name: statistics.median(before[name] + after[name]) for name in fns}
     floor_s = (
@@ -187,7 +227,9 @@ def main() -> None:
         "model": args.model,
         "model_dtype": resolve_dtype("auto", "cpu"),
         "dictionaries": n_dicts,
+        "layers_covered": covered,
         "architecture": "topk",
+        "dictionary": args.dictionary,
         "k": args.k,
         "d_sae": d_sae,
         "skip_connection": args.skip,
@@ -199,7 +241,15 @@ def main() -> None:
         "loop": loop,
     }
     stem = args.stem or "transcoder_set-cpu" + ("-skip" if args.skip else "")
+    stem += "" if args.stem or args.dictionary == "sae" else "-clt"
     write_results(stem, result, table(result))
+
+
+def what(r: dict[str, Any]) -> str:
+    """The dictionaries trained, in words."""
+    if r["dictionary"] == "clt":
+        return f"a TopK cross-layer transcoder over {r['layers_covered']} layers"
+    return f"{r['dictionaries']} TopK transcoders"
 
 
 def table(r: dict[str, Any]) -> str:
@@ -208,24 +258,24 @@ def table(r: dict[str, Any]) -> str:
     flags = " (--skip-connection)" if r["skip_connection"] else ""
     flags += " (--autocast)" if r["autocast"] else ""
     m = r["machine"]
+    per_layer = " (a layer)" if r["dictionary"] == "clt" else ""
     lines = [
-        f"## {r['dictionaries']} TopK transcoders{flags} from one stream: {r['model']}, cpu",
+        f"## {what(r)}{flags} from one stream: {r['model']}, cpu",
         "",
-        f"k {r['k']}, d_sae {r['d_sae']}, model {r['model_dtype']}, "
+        f"k {r['k']}{per_layer}, d_sae {r['d_sae']}{per_layer}, model {r['model_dtype']}, "
         f"{loop['training_tokens']:,} training tokens; floor medians of "
         f"{len(r['floor_rounds']['forward'])} rounds (before and after the loop).",
         "",
         "| measured | tokens/s |",
         "|---|---:|",
         f"| forward to the last hook, alone | {rates['forward']:,.0f} |",
-        f"| {r['dictionaries']} transcoder steps, alone | {rates['steps']:,.0f} |",
+        f"| {what(r)} steps, alone | {rates['steps']:,.0f} |",
         f"| the loop (drrik train, defaults) | {loop['loop_tokens_per_s']:,.0f} |",
         "",
         f"Serial floor for the loop's work ({loop['forward_tokens_in_loop']:,} forward tokens, "
         f"{loop['training_tokens']:,} training tokens): {r['serial_floor_s']} s; the loop took "
         f"{loop['loop_s']} s: **{r['share_of_floor']:.0%} of the floor**. Set-up "
-        f"{loop['setup_s']} s, final evaluation of all {r['dictionaries']} "
-        f"{loop['final_eval_s']} s.",
+        f"{loop['setup_s']} s, final evaluation {loop['final_eval_s']} s.",
         "",
         "| memory | MiB |",
         "|---|---:|",
@@ -236,9 +286,14 @@ def table(r: dict[str, Any]) -> str:
         f"| Adam state | {loop['adam_state_mib']:,.0f} |",
         f"| activations buffer (all hooks) | {loop['buffer_mib']:,.0f} |",
         "",
-        f"Held-out mean L0 {loop['held_out_l0_mean']}; FVU per layer: "
-        + ", ".join(f"{v:.3f}" for v in loop["held_out_fvu"].values())
+        f"Held-out total L0 {loop['held_out_total_l0']}; FVU per layer (mean "
+        f"{statistics.mean(loop['held_out_fvu']):.3f}): "
+        + ", ".join(f"{v:.3f}" for v in loop["held_out_fvu"])
         + ".",
+        "",
+        "Every layer replaced at once: CE clean {ce_loss_clean}, with the dictionaries "
+        "{ce_loss_with_sae}, zero-ablated {ce_loss_zero_ablated}; **CE recovered "
+        "{ce_loss_recovered}**.".format(**loop["all_replaced"]),
         "",
         machine_line(m),
     ]

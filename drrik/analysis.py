@@ -77,15 +77,19 @@ class FeatureAnalyzer:
         self,
         model: Any,
         sae: SAE,
-        hook: str,
+        hook: str | tuple[str, ...],
         cfg: AnalysisConfig | None = None,
         ignore_ids: list[int] | None = None,
     ) -> None:
-        self.model, self.sae, self.hook = model, sae, hook
+        """``hook``: the hook the SAE reads, or the hooks a crosscoder or CLT reads, in order
+        (it encodes their concatenation)."""
+        self.model, self.sae = model, sae
+        self.hooks = (hook,) if isinstance(hook, str) else tuple(hook)
+        self.hook = self.hooks[0]
         self.cfg = cfg or AnalysisConfig()
         if ignore_ids is None and self.cfg.ignore_special_tokens:
             ignore_ids = SpecialTokens.of(model.tokenizer).ids()
-        self.device = sae.W_dec.device
+        self.device = sae.b_dec.device
         self.ignore = torch.tensor(ignore_ids or [], dtype=torch.long, device=self.device)
         self.contexts: list[Tensor] = []
         self.state: dict[str, Tensor] = {}
@@ -112,8 +116,9 @@ class FeatureAnalyzer:
     def feature_acts(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
         """``[batch, ctx, d_sae]`` float32 activations, zero at ignored positions, and the
         ``[batch, ctx]`` mask of the positions kept."""
-        acts = run_hooks(self.model, tokens, [self.hook])[self.hook]
-        feats = self.sae.encode(acts.to(self.device)).float()
+        got = run_hooks(self.model, tokens, list(self.hooks))
+        acts = torch.cat([got[h].to(self.device) for h in self.hooks], dim=-1)
+        feats = self.sae.encode(acts).float()
         keep = ~torch.isin(tokens.to(self.device), self.ignore)
         return feats * keep[..., None], keep
 
@@ -202,6 +207,7 @@ class FeatureAnalyzer:
         strings = self.model.tokenizer.batch_decode([[i] for i in ids.tolist()])
         info = {
             "hook": self.hook,
+            **({"hooks": list(self.hooks)} if len(self.hooks) > 1 else {}),
             "n_tokens": int(s["n_tokens"]),
             "n_contexts": int(tensors["contexts"].shape[0]),
             "config": asdict(self.cfg),
@@ -287,7 +293,7 @@ def analyze(
         "dataset": data_cfg.dataset,
         "context_size": data_cfg.context_size,
     }
-    results = FeatureAnalyzer(lm, sae, saved.hook, cfg).run(batches, meta)
+    results = FeatureAnalyzer(lm, sae, saved.hooks, cfg).run(batches, meta)
     if save:
         results.save(saved.analysis_dir)
     return results

@@ -35,7 +35,9 @@ from drrik.rng import seed_everything
 from drrik.run import Run, restore
 from drrik.run_dir import RunDir, default_run_name
 from drrik.run_lock import RunLock
+from drrik.sae.clt import decoder_memory
 from drrik.sae.config import DEFAULT_L1_COEFFICIENT
+from drrik.sae.spec import DictionarySpec
 from drrik.store import ActivationsStore
 
 log = get_logger(__name__)
@@ -101,9 +103,28 @@ def _check_widths_before_loading(cfg: RunConfig) -> None:
     if config is None or n_layers is None:
         return
     for spec in cfg.dictionaries(n_layers):
-        d_in = config_hook_width(config, spec.input_hook)
-        if d_in is not None:
-            replace(spec.sae, d_in=d_in).check_buildable()
+        widths = {h: config_hook_width(config, h) for h in spec.hooks}
+        if None not in widths.values():
+            sized_spec(spec, widths).sae.check_buildable()  # type: ignore[arg-type]
+
+
+def sized_spec(spec: DictionarySpec, widths: dict[str, int]) -> DictionarySpec:
+    """``spec`` with its widths filled from the hooks' (``widths``): a dictionary over several
+    hooks reads and writes their concatenation, so its widths are the sums, and it records
+    each read hook's width. Its hooks must share one width (a crosscoder's and a CLT's do)."""
+    d_in = sum(widths[h] for h in spec.reads)
+    d_out = sum(widths[h] for h in spec.writes)
+    if spec.sae.dictionary == "sae":
+        return replace(spec, sae=replace(spec.sae, d_in=d_in, d_out=d_out))
+    found = {h: widths[h] for h in spec.hooks}
+    require(
+        len(set(found.values())) == 1,
+        "hook",
+        found,
+        f"a {spec.sae.dictionary}'s hooks must share one width; read one kind of hook",
+    )
+    hook_widths = [widths[h] for h in spec.reads]
+    return replace(spec, sae=replace(spec.sae, d_in=d_in, d_out=d_out, hook_widths=hook_widths))
 
 
 def _hold(run_dir: RunDir, dist: Distributed) -> RunLock | None:
@@ -173,17 +194,12 @@ def _build(
         lock,
         verbose=verbose and dist.is_main,
     )
-    d_in = stores[0].d_in
-    sized = [
-        replace(
-            spec,
-            sae=replace(spec.sae, d_in=d_in[spec.input_hook], d_out=d_in[spec.target_hook]),
-        )
-        for spec in specs
-    ]
+    sized = [sized_spec(spec, stores[0].d_in) for spec in specs]
     for spec in sized:  # every width-dependent check (k, target_l0) before any SAE is built
         spec.sae.check_buildable()
     for i, spec in enumerate(sized):
+        if run.verbose and spec.sae.dictionary == "clt":  # they grow with layers squared
+            log.info(f"{spec.name}: {decoder_memory(spec.sae)}")
         torch.manual_seed(cfg.trainer.seed + i)
         learner = Learner.build(spec, cfg.trainer, run.total_steps, device)
         run.learners.append(learner)

@@ -124,7 +124,8 @@ OPTIONS: dict[str, tuple[type, str, str]] = {
         ExportOptions,
         "dir",
         "Write a run's transcoders (or the saved transcoder directories under DIR) in another "
-        "tool's layout: circuit-tracer's transcoder set.",
+        "tool's layout: circuit-tracer's transcoder set, or its CLT layout for a cross-layer "
+        "transcoder.",
     ),
 }
 """Each command but train: its options dataclass, its positional path, its description."""
@@ -279,6 +280,13 @@ def cmd_steer(argv: list[str]) -> int:
     saved = SavedSAE.locate(path, opts.sae)  # cheap checks before the model loads
     saved.check_features(opts.feature)
     check_mode(opts.mode, saved.hook, saved.target_hook)
+    require(
+        len(saved.hooks) == 1,
+        "sae",
+        saved.sae_dir.name,
+        "it reads several hooks (a crosscoder or CLT), which drrik does not steer yet; steer "
+        "with an SAE or a transcoder",
+    )
     steering = SAESteering.from_run(path, model=opts.model, device=opts.device, sae_name=opts.sae)
     if opts.find:
         for prompt in opts.prompt:
@@ -310,10 +318,13 @@ def cmd_steer(argv: list[str]) -> int:
 def cmd_export(argv: list[str]) -> int:
     path, opts = parse_options("export", argv)
     opts.check()
+    import yaml
+
     from drrik.export_circuit_tracer import export_transcoder_set
 
     out = export_transcoder_set(path, Path(opts.out), n_layers=opts.n_layers)
-    print(f"circuit-tracer transcoder set: {out}")
+    kind = yaml.safe_load((out / "config.yaml").read_text())["model_kind"]
+    print(f"circuit-tracer {kind.replace('_', ' ')}: {out}")
     return 0
 
 

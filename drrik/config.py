@@ -54,6 +54,73 @@ def hook_layer(hook: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+RESIDUAL_WIDTH_HOOKS = (
+    "hook_embed",
+    "hook_resid_pre",
+    "hook_resid_mid",
+    "hook_resid_post",
+    "hook_attn_out",
+    "hook_mlp_out",
+    "mlp.hook_in",
+    "mlp.hook_out",
+    "ln1.hook_normalized",
+    "ln2.hook_normalized",
+)
+"""Hook names (their last parts) whose width is the residual stream's, d_model."""
+
+
+def width_class(hook: str) -> str:
+    """A name shared by hooks of one width: ``d_model`` for the residual-width hooks, else the
+    hook's name within its block (``mlp.hook_post`` is d_mlp wide at every layer)."""
+    local = _BLOCK_HOOK.sub("", hook)
+    return "d_model" if local in RESIDUAL_WIDTH_HOOKS else local
+
+
+def check_joint_hooks(
+    kind: str, reads: tuple[str, ...], writes: tuple[str, ...], model: ModelConfig
+) -> None:
+    """Before the model loads: a crosscoder reads two or more hooks of one width and
+    reconstructs them; a CLT maps each of --layers, increasing, from its --hook to its
+    --target-hook."""
+    if kind == "crosscoder":
+        require(len(reads) >= 2, "hook", list(reads), "a crosscoder reads two or more hooks")
+        require(
+            reads == writes,
+            "target_hook",
+            model.target_hook,
+            "a crosscoder reconstructs the hooks it reads; drop --target-hook",
+        )
+        classes = {width_class(h) for h in reads}
+        require(
+            len(classes) == 1,
+            "hook",
+            list(reads),
+            "a crosscoder's hooks must share one width and drrik states no projection between "
+            "widths; read one kind of hook (e.g. blocks.{layer}.hook_resid_post) at several layers",
+        )
+        return
+    layers = [hook_layer(h) for h in reads]
+    require(
+        bool(model.layers) and len(model.hook) == 1 and len(model.target_hook) == 1,
+        "target_hook",
+        model.target_hook,
+        "a CLT needs one --hook and one --target-hook template with --layers, e.g. --hook "
+        "blocks.{layer}.mlp.hook_in --target-hook blocks.{layer}.hook_mlp_out --layers all",
+    )
+    require(
+        all(n is not None and hook_layer(w) == n for n, w in zip(layers, writes, strict=True)),
+        "target_hook",
+        model.target_hook,
+        "a CLT's --hook and --target-hook are blocks.{layer} hooks of the same layer",
+    )
+    require(
+        all(a < b for a, b in zip(layers, layers[1:], strict=False)),
+        "layers",
+        model.layers,
+        "a CLT's layers must be increasing (e.g. --layers 0 1 2, or all)",
+    )
+
+
 @dataclass
 class ModelConfig(Serializable):
     """Which language model to hook, where and at what precision."""
@@ -254,6 +321,12 @@ class RunConfig(Serializable):
         )
         self.store.check_fits(self.data.context_size)
         self.dictionaries()  # each swept config and each hook pair must validate too
+        require(
+            self.sae.dictionary != "clt" or self.trainer.resample_every_tokens == 0,
+            "resample_every_tokens",
+            self.trainer.resample_every_tokens,
+            "a CLT's dead features are revived by AuxK (topk/batchtopk), not resampled; use 0",
+        )
         # Training keeps no fp32 master weights and no loss scaler: fp16 gradients underflow
         # and Adam's eps (1e-8) rounds to 0 in fp16, so the first tiny second moment gives NaN.
         require(
@@ -265,22 +338,31 @@ class RunConfig(Serializable):
         )
 
     def dictionaries(self, n_layers: int = 1) -> list[DictionarySpec]:
-        """Every dictionary this run trains: each (input, target) hook pair times each sweep
-        setting, in order; ``n_layers`` (the model's) fills --layers all.
+        """Every dictionary this run trains, in order, each hook group times each sweep
+        setting; ``n_layers`` (the model's) fills --layers all.
 
+        A hook group is one (input, target) pair for ``dictionary=sae`` (an SAE or a
+        transcoder), every hook at once for a crosscoder, and every layer's pair for a CLT.
         A transcoder never subtracts ``b_dec`` from its input: ``b_dec`` is the bias of
         another hook's output (SAELens refuses ``apply_b_dec_to_input`` for transcoders).
         """
         pairs = self.model.hook_pairs(n_layers)
+        kind = self.sae.dictionary
+        if kind == "sae":
+            groups = [((reads,), (writes,)) for reads, writes in pairs]
+        else:
+            reads, writes = (tuple(hooks) for hooks in zip(*pairs, strict=True))
+            check_joint_hooks(kind, reads, writes, self.model)
+            groups = [(reads, writes)]
         return [
             DictionarySpec(
-                slot_name(reads, setting, len(pairs) > 1),
-                (reads,),
-                (writes,),
+                slot_name(kind if kind != "sae" else reads[0], setting, len(groups) > 1),
+                reads,
+                writes,
                 self.dictionary_config(setting, transcoder=reads != writes),
                 slot_name("", setting, several_hooks=False) if setting else "",
             )
-            for reads, writes in pairs
+            for reads, writes in groups
             for setting in parse_sweep(self.trainer.sweep)
         ]
 
@@ -294,6 +376,16 @@ class RunConfig(Serializable):
             "a skip connection is for transcoders; name their outputs with --target-hook",
         )
         if not transcoder:
+            # A free-row TopK ranks features by activation x decoder norm; folding a
+            # crosscoder's per-hook scales into its decoder would change those norms.
+            require(
+                sae.dictionary != "crosscoder"
+                or not ARCHITECTURES[sae.architecture].needs_k
+                or sae.normalize_decoder is not False,
+                "normalize_decoder",
+                False,
+                f"a {sae.architecture} crosscoder keeps unit decoder rows; drop the flag",
+            )
             return sae
         # A TopK transcoder's decoder rows start small and stay free unless the config says
         # otherwise: unit rows with the tied start first write a projection of the input as

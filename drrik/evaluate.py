@@ -65,20 +65,54 @@ def held_out_contexts(
 
 @dataclass
 class EvalTarget:
-    """One dictionary to evaluate: where it reads and writes, and its training input scale."""
+    """One dictionary to evaluate: where it reads and writes, and its training input scale.
+
+    A dictionary over several hooks (a crosscoder, a CLT) names them in ``reads`` and
+    ``writes``: it reads their concatenation and its output is split back over ``writes``.
+    """
 
     name: str
     hook: str
     sae: SAE
-    scale: float = 1.0
+    scale: float | torch.Tensor = 1.0
     target_hook: str = ""
     """The hook its reconstruction replaces; empty means ``hook`` (an SAE)."""
-    target_scale: float = 0.0
+    target_scale: float | torch.Tensor = 0.0
     """The target's training scale (a transcoder's); 0 means ``scale``."""
+    reads: tuple[str, ...] = ()
+    """Every hook it reads, in order; empty means ``(hook,)``."""
+    writes: tuple[str, ...] = ()
+    """Every hook it replaces, in order; empty means ``(target_hook,)``."""
 
     def __post_init__(self) -> None:
         self.target_hook = self.target_hook or self.hook
-        self.target_scale = self.target_scale or self.scale
+        if not isinstance(self.target_scale, torch.Tensor) and self.target_scale == 0:
+            self.target_scale = self.scale
+        self.reads = self.reads or (self.hook,)
+        self.writes = self.writes or (self.target_hook,)
+
+    @property
+    def causal(self) -> bool:
+        """Whether each written hook depends only on hooks read before it (a CLT's layers), so
+        that one forward pass can read and replace as it goes; an SAE, a transcoder and a
+        CLT are, a crosscoder (every layer from every layer) is not."""
+        return len(self.reads) == 1 or bool(getattr(self.sae, "causal", False))
+
+    @property
+    def by_layer(self) -> bool:
+        """Whether it is evaluated a layer at a time (a CLT: :meth:`reconstruct_layer`)."""
+        return hasattr(self.sae, "encode_layer")
+
+    @torch.no_grad()
+    def reconstruct_layer(
+        self, layer: int, x: torch.Tensor, earlier: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A CLT's layer ``layer``: (its features from its raw input ``x``, its output in raw
+        units from those and the ``earlier`` layers' features)."""
+        width = x.shape[-1]
+        feats = self.sae.encode_layer(layer, x.float() * _part(self.scale, layer, width))  # type: ignore[operator]
+        out = self.sae.decode_layer(layer, [*earlier, feats])  # type: ignore[operator]
+        return feats, out / _part(self.target_scale, layer, width)
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,6 +123,13 @@ class EvalTarget:
         skip = self.sae.skip(x)
         out = out if skip is None else out + skip
         return feats, out / self.target_scale
+
+
+def _part(scale: float | torch.Tensor, index: int, width: int) -> float | torch.Tensor:
+    """Hook ``index``'s part of a scale: all of a float, a ``width`` slice of a per-hook one."""
+    if isinstance(scale, torch.Tensor) and scale.dim() > 0:
+        return scale[index * width : (index + 1) * width]
+    return scale
 
 
 @dataclass
@@ -182,33 +223,92 @@ _Record = Callable[[EvalTarget, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
 def _splice_hooks(
-    targets: list[EvalTarget], keep: torch.Tensor, record: _Record | None = None
+    targets: list[EvalTarget],
+    keep: torch.Tensor,
+    record: _Record | None = None,
+    clean: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> list[tuple[str, Any]]:
-    """Hooks that capture each dictionary's input as it flows in this forward pass and replace
-    its target hook with its output (an SAE captures and replaces the same hook), handing
-    ``record`` the clean target each dictionary reconstructed: the spliced pass sees every
-    activation a dictionary's reconstruction metrics need, so no pass is run for them."""
-    inputs: dict[str, torch.Tensor] = {}
+    """Hooks that capture each dictionary's inputs as they flow in this forward pass and
+    replace its target hooks with its output (an SAE captures and replaces the same hook),
+    handing ``record`` the clean targets each dictionary reconstructed: the spliced pass sees
+    every activation a dictionary's reconstruction metrics need, so no pass is run for them.
 
-    def capture(target: EvalTarget) -> Any:
-        return lambda act, hook: inputs.__setitem__(target.name, act)
+    A dictionary over several hooks writes each hook as the pass reaches it, from the inputs
+    read so far, those still to come taken as zeros: exact for a causal one (a CLT's layer
+    reads nothing later). An acausal one (a crosscoder) reads ``clean[name]``, its inputs from
+    a clean pass, instead.
+    """
+    seen: dict[str, dict[str, torch.Tensor]] = {t.name: {} for t in targets}
+    layer_feats: dict[str, list[torch.Tensor]] = {t.name: [] for t in targets}
+    written: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {t.name: [] for t in targets}
 
-    def splice(target: EvalTarget) -> Any:
-        def hook_fn(act: torch.Tensor, hook: Any) -> torch.Tensor:
+    def capture(target: EvalTarget, name: str) -> Any:
+        def hook_fn(act: torch.Tensor, hook: Any) -> None:
             sae_device = next(target.sae.parameters()).device
-            x = inputs.pop(target.name)
-            x = x[keep.to(x.device)].to(sae_device)
-            feats, out = target.reconstruct(x)
-            kept = keep.to(act.device)
-            if record is not None:
-                # An SAE's target is its input: gather the kept positions once.
-                same = target.target_hook == target.hook
-                record(target, x if same else act[kept].to(sae_device), feats, out)
-            return _put(act, kept, out)
+            seen[target.name][name] = act[keep.to(act.device)].to(sae_device)
 
         return hook_fn
 
-    return [(t.hook, capture(t)) for t in targets] + [(t.target_hook, splice(t)) for t in targets]
+    def splice(target: EvalTarget, index: int) -> Any:
+        def hook_fn(act: torch.Tensor, hook: Any) -> torch.Tensor:
+            kept = keep.to(act.device)
+            inputs = seen[target.name] if clean is None or target.causal else clean[target.name]
+            if target.by_layer:  # a CLT: this layer's features, its output from all so far
+                feats, part = target.reconstruct_layer(
+                    index, inputs[target.reads[index]], layer_feats[target.name]
+                )
+                layer_feats[target.name].append(feats)
+            else:
+                feats, out = target.reconstruct(_joined(inputs, target.reads, act.shape[-1]))
+                width = out.shape[-1] // len(target.writes)
+                part = out[:, index * width : (index + 1) * width]
+            if record is not None:
+                # An SAE's target is its input: gathered once, by the capture.
+                same = target.writes[index] == target.reads[index]
+                y = inputs[target.reads[index]] if same else act[kept].to(part.device)
+                written[target.name].append((y, part))
+            if index == len(target.writes) - 1:  # the dictionary's last hook of this pass
+                if record is not None:
+                    ys, outs = zip(*written[target.name], strict=True)
+                    every = torch.cat(layer_feats[target.name], -1) if target.by_layer else feats
+                    record(target, torch.cat(ys, -1), every, torch.cat(outs, -1))
+                seen[target.name], layer_feats[target.name], written[target.name] = {}, [], []
+            return _put(act, kept, part)
+
+        return hook_fn
+
+    return [(h, capture(t, h)) for t in targets for h in t.reads] + [
+        (h, splice(t, i)) for t in targets for i, h in enumerate(t.writes)
+    ]
+
+
+def _joined(inputs: dict[str, torch.Tensor], hooks: tuple[str, ...], width: int) -> torch.Tensor:
+    """``hooks``' captured activations side by side, zeros for any not reached yet."""
+    if len(hooks) == 1:
+        return inputs[hooks[0]]
+    some = next(iter(inputs.values()))
+    zeros = some.new_zeros(some.shape[0], width)
+    return torch.cat([inputs.get(h, zeros) for h in hooks], dim=-1)
+
+
+def _clean_inputs(
+    model: Any, tokens: torch.Tensor, targets: list[EvalTarget], keep: torch.Tensor
+) -> dict[str, dict[str, torch.Tensor]] | None:
+    """The kept activations of every hook an acausal dictionary reads, from one clean pass;
+    ``None`` when every dictionary is causal (no pass is run)."""
+    acausal = [t for t in targets if not t.causal]
+    if not acausal:
+        return None
+    hooks = list(dict.fromkeys(h for t in acausal for h in t.reads))
+    acts: dict[str, torch.Tensor] = {}
+
+    def grab(name: str) -> Any:
+        return lambda act, hook: acts.__setitem__(name, act[keep.to(act.device)])
+
+    model.run_with_hooks(tokens, fwd_hooks=[(h, grab(h)) for h in hooks])
+    return {
+        t.name: {h: acts[h].to(next(t.sae.parameters()).device) for h in t.reads} for t in acausal
+    }
 
 
 def _zero_at(keep: torch.Tensor) -> Any:
@@ -297,7 +397,7 @@ def evaluate_together(
     baseline zero-ablates every target hook at once. ``baselines``: those of earlier
     evaluations on the same ``contexts``, reused and extended.
     """
-    writes = [t.target_hook for t in targets]
+    writes = [h for t in targets for h in t.writes]
     require(
         len(set(writes)) == len(writes),
         "target_hook",
@@ -314,7 +414,8 @@ def evaluate_together(
         batch, clean = baselines.clean(model, i, tokens)
         ce_clean += batch.ce_clean
         positions += tokens[:, 1:].numel()
-        spliced = model.run_with_hooks(tokens, fwd_hooks=_splice_hooks(targets, keep))
+        hooks = _splice_hooks(targets, keep, clean=_clean_inputs(model, tokens, targets, keep))
+        spliced = model.run_with_hooks(tokens, fwd_hooks=hooks)
         ce, divergence = _ce_and_kl(spliced, tokens[:, 1:], clean)
         ce_with, kl = ce_with + ce, kl + divergence
         del spliced, clean
@@ -366,13 +467,14 @@ def evaluate(
         positions += next_tokens.numel()
         for target in targets:
             s = sums[target.name]
-            hooks = _splice_hooks([target], keep, record)
+            inputs = _clean_inputs(model, tokens, [target], keep)
+            hooks = _splice_hooks([target], keep, record, inputs)
             with_sae = model.run_with_hooks(tokens, fwd_hooks=hooks)
             ce, kl = _ce_and_kl(with_sae, next_tokens, clean_log_probs)
             del with_sae
             s.ce_sae += ce
             s.kl += kl
-            s.ce_ablated += batch.ablated(model, keep, [target.target_hook])
+            s.ce_ablated += batch.ablated(model, keep, list(target.writes))
         del clean_log_probs
     return _finish(sums, ce_clean, positions, dense_threshold)
 

@@ -22,7 +22,7 @@ from drrik.plots import plot_feature_density, plot_training_curves
 from drrik.run import Run
 from drrik.run_dir import atomic_write
 from drrik.sae import build_sae
-from drrik.topk_jumprelu import HeldOut, collect, is_topk_transcoder, jumprelu_form
+from drrik.topk_jumprelu import HeldOut, Hooks, collect, is_topk_transcoder, jumprelu_form
 from drrik.wandb_logging import WandbLogger
 
 log = get_logger(__name__)
@@ -43,6 +43,11 @@ def metadata(run: Run, learner: Learner, metrics: dict[str, float]) -> dict[str,
         "model_name": cfg.model.model,
         "hook_name": learner.spec.input_hook,
         **({} if learner.spec.same_hook else {"hook_name_out": learner.spec.target_hook}),
+        **(
+            {"hook_names": list(learner.spec.reads), "hook_names_out": list(learner.spec.writes)}
+            if len(learner.spec.reads) > 1
+            else {}
+        ),
         "context_size": cfg.data.context_size,
         "prepend_bos": cfg.data.prepend_bos,
         "dataset_path": cfg.data.dataset,
@@ -65,20 +70,22 @@ def export_run(
     }
     held_out = topk_held_out(run)
     for learner in run.learners:
-        sae = build_sae(learner.sae.cfg, device=learner.sae.W_dec.device)
+        sae = build_sae(learner.sae.cfg, device=learner.sae.b_dec.device)
         sae.load_state_dict(learner.sae.state_dict())
         sae.fold_activation_scale(learner.scale, learner.target_scale)
         sparsity = torch.log10(densities[learner.name] + 1e-10)
         meta = metadata(run, learner, metrics[learner.name])
         threshold = None
-        pair = (learner.spec.input_hook, learner.spec.target_hook)
+        pair = (learner.spec.reads, learner.spec.writes)
         if pair in held_out and is_topk_transcoder(sae, learner.spec.same_hook):
             threshold, form = jumprelu_form(sae, held_out[pair])
             meta["jumprelu_form"] = form
+            theta = form["threshold"]
+            shown = f"{theta:.4g}" if isinstance(theta, float) else "per layer"
             log.info(
-                f"{learner.name or 'final'}: saved for SAELens as JumpReLU, threshold "
-                f"{form['threshold']:.4g}: FVU {form['fvu_topk']:.4f} -> {form['fvu_jumprelu']:.4f}"
-                f", L0 {form['l0_topk']:.2f} -> {form['l0_jumprelu']:.2f} on held-out tokens"
+                f"{learner.name or 'final'}: saved in JumpReLU form, threshold {shown}: FVU "
+                f"{form['fvu_topk']:.4f} -> {form['fvu_jumprelu']:.4f}, L0 "
+                f"{form['l0_topk']:.2f} -> {form['l0_jumprelu']:.2f} on held-out tokens"
             )
         path = sae.save(final_dir(run, learner), sparsity, meta, threshold)
         prefix = f"{learner.name}/" if several else ""
@@ -92,7 +99,7 @@ def export_run(
     logger.log_images(images, tokens)
 
 
-def topk_held_out(run: Run) -> dict[tuple[str, str], HeldOut]:
+def topk_held_out(run: Run) -> dict[Hooks, HeldOut]:
     """Held-out inputs and targets of the run's TopK transcoders (none for other runs)."""
     learners = [
         learner
@@ -102,7 +109,7 @@ def topk_held_out(run: Run) -> dict[tuple[str, str], HeldOut]:
     evaluator = run.evaluator
     if not learners or evaluator is None:
         return {}
-    pairs = [(learner.spec.input_hook, learner.spec.target_hook) for learner in learners]
+    pairs = [(learner.spec.reads, learner.spec.writes) for learner in learners]
     width = sum(learner.sae.d_in + learner.sae.d_out for learner in learners)
     return collect(evaluator.model, evaluator.contexts, evaluator.exclude_ids, pairs, width)
 

@@ -1,4 +1,5 @@
-"""Export saved transcoders as a circuit-tracer transcoder set (one transcoder per layer).
+"""Export saved transcoders as a circuit-tracer transcoder set (one transcoder per layer), or a
+saved cross-layer transcoder in circuit-tracer's CLT layout (:func:`export_clt`).
 
 drrik saves a transcoder in SAELens's layout (``cfg.json`` + ``sae_weights.safetensors``,
 ``W_enc`` ``[d_in, d_sae]``). circuit-tracer reads a directory with a ``config.yaml`` and one
@@ -23,6 +24,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -31,7 +33,14 @@ from torch import Tensor
 
 from drrik.errors import read_json, reading, require
 from drrik.run_dir import FINAL_DIR, atomic_write, locate_saved_sae
-from drrik.sae.saving import CFG_FILENAME, SAVED_SAE_FIX, WEIGHTS_FILENAME, read_sae_cfg
+from drrik.sae.clt import CrossLayerTranscoder
+from drrik.sae.saving import (
+    CFG_FILENAME,
+    SAVED_SAE_FIX,
+    WEIGHTS_FILENAME,
+    load_sae,
+    read_sae_cfg,
+)
 
 TRANSCODER_ARCHITECTURES = (
     "transcoder",
@@ -42,6 +51,8 @@ TRANSCODER_ARCHITECTURES = (
 CT_CONFIG_FILE = "config.yaml"
 BLOCK_HOOK = re.compile(r"blocks\.(\d+)\.(.+)")
 LAYER_FILE = "layer_{}.safetensors"
+CLT_ENCODER_FILE = "W_enc_{}.safetensors"
+CLT_DECODER_FILE = "W_dec_{}.safetensors"
 EXPORT_RECORD_FILE = "drrik_export.json"
 
 
@@ -133,6 +144,7 @@ def saved_transcoder_dirs(run_dir: Path) -> list[Path]:
         final / name
         for name in names
         if read_sae_cfg(final / name).get("architecture") in TRANSCODER_ARCHITECTURES
+        or is_clt_dir(final / name)
     ]
     require(bool(found), "DIR", str(run_dir), f"it saved no transcoder (only {', '.join(names)})")
     return found
@@ -144,6 +156,21 @@ def _model_layers(model_name: str) -> int | None:
     if not config.is_file():
         return None
     return read_json(config, "pass n_layers").get("num_hidden_layers")
+
+
+def _resolve_layers(n_layers: int | None, model_name: str, top: int) -> int:
+    """The model's layer count: ``n_layers``, else read from a local model directory; checked
+    to cover ``top``, the last layer something reads."""
+    n_layers = n_layers if n_layers is not None else _model_layers(model_name)
+    require(
+        n_layers is not None,
+        "n_layers",
+        n_layers,
+        f"model {model_name!r} is no local directory; pass the model's layer count",
+    )
+    assert n_layers is not None  # for the type checker; require raised otherwise
+    require(top < n_layers, "n_layers", n_layers, f"a transcoder reads layer {top}; use > {top}")
+    return n_layers
 
 
 def _check_set(transcoders: list[SavedTranscoder]) -> None:
@@ -198,19 +225,19 @@ def export_transcoder_set(
     """
     dirs = [Path(p) for p in source] if isinstance(source, list) else saved_transcoder_dirs(source)
     require(bool(dirs), "source", source, "give at least one saved transcoder directory")
+    clts = [d for d in dirs if is_clt_dir(d)]
+    if clts:
+        require(
+            len(dirs) == 1,
+            "source",
+            [str(d) for d in dirs],
+            f"{clts[0]} is a CLT, which circuit-tracer loads alone; export it by itself",
+        )
+        return export_clt(clts[0], out, n_layers)
     transcoders = [read_transcoder(d) for d in dirs]
     _check_set(transcoders)
     first = transcoders[0]
-    n_layers = n_layers if n_layers is not None else _model_layers(first.model_name)
-    require(
-        n_layers is not None,
-        "n_layers",
-        n_layers,
-        f"model {first.model_name!r} is no local directory; pass the model's layer count",
-    )
-    assert n_layers is not None  # for the type checker; require raised otherwise
-    top = max(tc.layer for tc in transcoders)
-    require(top < n_layers, "n_layers", n_layers, f"a transcoder reads layer {top}; use > {top}")
+    n_layers = _resolve_layers(n_layers, first.model_name, max(tc.layer for tc in transcoders))
     by_layer = {tc.layer: circuit_tracer_tensors(tc) for tc in transcoders}
     # Every layer gets every tensor any layer has, zero where it had none: a zero threshold
     # is ReLU, a zero skip adds nothing, an all-zero layer outputs nothing.
@@ -232,3 +259,128 @@ def export_transcoder_set(
             json.dumps({"layers": {tc.layer: str(tc.path) for tc in transcoders}}, indent=2)
         )
     return out
+
+
+# ---- cross-layer transcoders ----------------------------------------------------------------
+
+
+def is_clt_dir(path: Path) -> bool:
+    """Whether a saved dictionary is a cross-layer transcoder."""
+    return str(read_sae_cfg(path).get("architecture", "")).startswith("clt_")
+
+
+def _clt_layers(path: Path, meta: dict[str, Any]) -> tuple[list[int], str, str]:
+    """The model layers a saved CLT covers, in order, and its hooks relative to a block,
+    from ``metadata.hook_names`` (inputs) and ``hook_names_out`` (outputs)."""
+    ins, outs = meta.get("hook_names"), meta.get("hook_names_out")
+    for name, hooks in (("hook_names", ins), ("hook_names_out", outs)):
+        require(isinstance(hooks, list), name, hooks, f"a saved CLT lists its hooks, in {path}")
+    assert isinstance(ins, list) and isinstance(outs, list)  # for the type checker
+    require(len(ins) == len(outs), "hook_names_out", outs, f"one per input hook, in {path}")
+    pairs = [
+        (_block_hook(i, "hook_names", path), _block_hook(o, "hook_names_out", path))
+        for i, o in zip(ins, outs, strict=True)
+    ]
+    layers = [i_layer for (i_layer, _), _ in pairs]
+    for (i_layer, in_hook), (o_layer, out_hook) in pairs:
+        require(
+            o_layer == i_layer and (in_hook, out_hook) == (pairs[0][0][1], pairs[0][1][1]),
+            "hook_names_out",
+            outs,
+            f"each CLT layer writes in the block it reads, with one hook pair, in {path}",
+        )
+    require(layers == sorted(set(layers)), "hook_names", ins, f"list layers in order, in {path}")
+    return layers, pairs[0][0][1], pairs[0][1][1]
+
+
+def export_clt(path: Path, out: Path, n_layers: int | None = None) -> Path:
+    """Write the saved CLT in ``path`` to ``out`` in circuit-tracer's CLT layout, for a model
+    of ``n_layers`` layers (default: read from ``model_name`` when it is a local directory).
+
+    circuit-tracer's CLT covers layers 0..n_layers-1. Layers the CLT does not cover get
+    all-zero encoders, biases and decoders (features that never fire, outputs of 0, as the
+    transcoder-set export pads), so the exported CLT computes the saved one's outputs on the
+    layers it covers. Activations are circuit-tracer's JumpReLU ``pre * (pre > θ)`` with the
+    CLT's eval-mode thresholds (jumprelu: its own; batchtopk: its layer's threshold for each
+    feature; relu: none). A TopK CLT has no threshold form: it is exported only when saved with
+    one (``save_sae(..., threshold=θ)``, its JumpReLU approximation), and refused otherwise.
+    Returns ``out``, written atomically.
+    """
+    cfg = read_sae_cfg(path)
+    meta = cfg["metadata"]
+    layers, input_hook, output_hook = _clt_layers(path, meta)
+    model_name = str(meta.get("model_name", ""))
+    n_layers = _resolve_layers(n_layers, model_name, layers[-1])
+    clt = load_sae(path, device="cpu")
+    assert isinstance(clt, CrossLayerTranscoder)  # is_clt_dir's cfg.json loads as one
+    require(
+        clt.n_layers == len(layers),
+        "hook_names",
+        meta["hook_names"],
+        f"the CLT has {clt.n_layers} layers, in {path}",
+    )
+    if clt.cfg.architecture == "topk":
+        with reading("file", str(path / WEIGHTS_FILENAME), SAVED_SAE_FIX):
+            theta = load_file(str(path / WEIGHTS_FILENAME)).get("threshold")
+        require(
+            theta is not None,
+            "architecture",
+            "topk",
+            "circuit-tracer runs ReLU or JumpReLU only; save the TopK CLT with a JumpReLU "
+            f"threshold (save_sae(..., threshold=θ)) to export it, in {path}",
+        )
+    else:
+        theta = clt.feature_thresholds()
+    tensors = _clt_tensors(clt, layers, n_layers, theta)
+    config = {
+        "model_kind": "cross_layer_transcoder",
+        "feature_input_hook": input_hook,
+        "feature_output_hook": output_hook,
+        "model_name": model_name,
+    }
+    out = Path(out).resolve()
+    with atomic_write(out) as tmp:
+        tmp.mkdir()
+        (tmp / CT_CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
+        for layer, (enc, dec) in enumerate(tensors):
+            save_file(enc, str(tmp / CLT_ENCODER_FILE.format(layer)))
+            save_file(dec, str(tmp / CLT_DECODER_FILE.format(layer)))
+        (tmp / EXPORT_RECORD_FILE).write_text(
+            json.dumps({"clt": str(path), "layers": layers}, indent=2)
+        )
+    return out
+
+
+@torch.no_grad()
+def _clt_tensors(
+    clt: CrossLayerTranscoder, layers: list[int], n_layers: int, theta: Tensor | None
+) -> list[tuple[dict[str, Tensor], dict[str, Tensor]]]:
+    """Per model layer, circuit-tracer's encoder file and decoder file contents, zero where
+    the CLT does not cover a layer (negative thresholds at 0: see the module docstring)."""
+    n, d = clt.features_per_layer, clt.d_layer
+    dtype = clt.b_dec.dtype
+    b_enc, b_dec = clt.b_enc.view(-1, n), clt.b_dec.view(-1, d)
+    thresholds = None if theta is None else theta.to(dtype).expand(clt.d_sae).view(-1, n)
+    own = {layer: i for i, layer in enumerate(layers)}
+    files = []
+    for layer in range(n_layers):
+        i = own.get(layer)
+        enc = {
+            f"W_enc_{layer}": torch.zeros(n, d, dtype=dtype),
+            f"b_enc_{layer}": torch.zeros(n, dtype=dtype),
+            f"b_dec_{layer}": torch.zeros(d, dtype=dtype),
+        }
+        if thresholds is not None:
+            enc[f"threshold_{layer}"] = torch.zeros(n, dtype=dtype)
+        W_dec = torch.zeros(n, n_layers - layer, d, dtype=dtype)
+        if i is not None:
+            enc[f"W_enc_{layer}"] = clt.W_enc[i].T.contiguous()
+            enc[f"b_enc_{layer}"] = b_enc[i].clone()
+            enc[f"b_dec_{layer}"] = b_dec[i].clone()
+            if thresholds is not None:
+                enc[f"threshold_{layer}"] = thresholds[i].clamp_min(0)
+            blocks = clt.W_dec[i].view(n, -1, d)
+            for j, target in enumerate(layers[i:]):
+                W_dec[:, target - layer] = blocks[:, j]
+        files.append((enc, {f"W_dec_{layer}": W_dec}))
+    return files

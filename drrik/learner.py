@@ -55,10 +55,12 @@ class Learner:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     tracker: DeadFeatureTracker
     cfg: TrainerConfig
-    scale: float = 1.0
-    """Input scale (expected_average_only_in), folded into the dictionary at export."""
-    target_scale: float = 1.0
-    """The target hook's own scale (a transcoder's); equal to ``scale`` for an SAE."""
+    scale: float | torch.Tensor = 1.0
+    """Input scale (expected_average_only_in), folded into the dictionary at export; over
+    several hooks, each hook's own, as one ``[d_in]`` tensor."""
+    target_scale: float | torch.Tensor = 1.0
+    """The target hooks' own scale (a transcoder's; ``[d_out]`` over several hooks); equal to
+    ``scale`` for an SAE."""
     forward: Any = None
     """``sae.fit_forward``, compiled with ``--compile-sae``."""
     controller: L0Controller | None = None
@@ -93,7 +95,9 @@ class Learner:
             cfg,
             forward=torch.compile(sae.fit_forward) if cfg.compile_sae else None,
             controller=(
-                L0Controller(target_l0, spec.sae.l1_coefficient, device) if controlled else None
+                L0Controller(target_l0 * spec.sae.l0_units(), spec.sae.l1_coefficient, device)
+                if controlled
+                else None
             ),
         )
 
@@ -105,21 +109,44 @@ class Learner:
     def name(self) -> str:
         return self.spec.name
 
+    def _joined(self, acts: dict[str, torch.Tensor], hooks: tuple[str, ...]) -> torch.Tensor:
+        """``hooks``' activations side by side (one hook's as they are), in the SAE's dtype."""
+        dtype = self.sae.b_dec.dtype
+        if len(hooks) == 1:
+            return acts[hooks[0]].to(dtype)
+        return torch.cat([acts[h].to(dtype) for h in hooks], dim=-1)
+
     def _inputs(self, acts: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The input hook's activations as the encoder sees them."""
-        return acts[self.spec.input_hook].to(self.sae.W_dec.dtype) * self.scale
+        """The input hooks' activations as the encoder sees them."""
+        return self._joined(acts, self.spec.reads) * self.scale
 
     def _targets(self, acts: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        """The target hook's activations as the decoder learns them; ``None`` for an SAE."""
+        """The target hooks' activations as the decoder learns them; ``None`` for an SAE (and a
+        crosscoder), which reconstructs its input."""
         if self.spec.same_hook:
             return None
-        return acts[self.spec.target_hook].to(self.sae.W_dec.dtype) * self.target_scale
+        return self._joined(acts, self.spec.writes) * self.target_scale
 
     def _scale_of(self, hook: str, stores: list[Any], dist: Distributed) -> float:
         """The mean of every shard's scale estimate for ``hook``."""
         local = sum(store.norm_scaling_factor(hook) for store in stores) / len(stores)
-        total = torch.tensor(local, dtype=torch.float64, device=self.sae.W_dec.device)
+        total = torch.tensor(local, dtype=torch.float64, device=self.sae.b_dec.device)
         return float(dist.average_(total))
+
+    def _scales_of(
+        self, hooks: tuple[str, ...], stores: list[Any], dist: Distributed
+    ) -> float | torch.Tensor:
+        """One hook's scale; over several, each hook's repeated over its width: the layers of
+        a crosscoder or CLT differ in norm by up to 10x, and one scale would leave the
+        early layers almost out of the loss."""
+        scales = [self._scale_of(h, stores, dist) for h in hooks]
+        if len(hooks) == 1:
+            return scales[0]
+        widths = [stores[0].d_in[h] for h in hooks]
+        parts = [
+            torch.full((w,), s, dtype=torch.float32) for w, s in zip(widths, scales, strict=True)
+        ]
+        return torch.cat(parts).to(self.sae.b_dec.device)
 
     @torch.no_grad()
     def initialize(self, stores: list[Any], dist: Distributed) -> None:
@@ -131,23 +158,27 @@ class Learner:
         ranks start from the same dictionary.
         """
         if self.cfg.normalize_activations == "expected_average_only_in":
-            self.scale = self._scale_of(self.spec.input_hook, stores, dist)
+            self.scale = self._scales_of(self.spec.reads, stores, dist)
             self.target_scale = (
                 self.scale
                 if self.spec.same_hook
-                else self._scale_of(self.spec.target_hook, stores, dist)
+                else self._scales_of(self.spec.writes, stores, dist)
             )
         if self.cfg.b_dec_init_method != "zeros" and dist.is_main:
-            hook = self.spec.target_hook
-            sample = stores[0].sample(hook, GEOMETRIC_MEDIAN_SAMPLES) * self.target_scale
+            sample = self._sample(stores[0], self.spec.writes) * self.target_scale
             mean = self.cfg.b_dec_init_method == "mean"
             center = sample.mean(0) if mean else geometric_median(sample)
             self.sae.b_dec.copy_(center.to(self.sae.b_dec))
         target_l0 = self.spec.sae.target_l0
         if target_l0 is not None and dist.is_main:  # after b_dec: the encoder subtracts it
-            sample = stores[0].sample(self.spec.input_hook, GEOMETRIC_MEDIAN_SAMPLES)
-            self.sae.start_near_l0((sample * self.scale).to(self.sae.W_dec.dtype), target_l0)
+            sample = self._sample(stores[0], self.spec.reads)
+            self.sae.start_near_l0((sample * self.scale).to(self.sae.b_dec.dtype), target_l0)
         dist.broadcast_(list(self.sae.parameters()))
+
+    @staticmethod
+    def _sample(store: Any, hooks: tuple[str, ...]) -> torch.Tensor:
+        """The same buffer rows of every hook in ``hooks``, side by side."""
+        return torch.cat([store.sample(h, GEOMETRIC_MEDIAN_SAMPLES) for h in hooks], dim=-1)
 
     def step(
         self,
@@ -296,6 +327,8 @@ class Learner:
             self.scale,
             self.spec.target_hook,
             self.target_scale,
+            self.spec.reads,
+            self.spec.writes,
         )
 
     # -- checkpoints -------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from drrik.config import hook_layer
+from drrik.config import RESIDUAL_WIDTH_HOOKS, hook_layer
 from drrik.dtypes import torch_dtype
 from drrik.errors import ConfigError, describe, reading, require
 from drrik.paths import cache_dir
@@ -185,18 +185,6 @@ def load_model(
             f"use a hub name, a local directory, a .gguf file or {EMBEDDED_MODEL}",
         ) from None
     return bridge.eval()
-
-
-RESIDUAL_WIDTH_HOOKS = (
-    "hook_embed",
-    "hook_resid_pre",
-    "hook_resid_mid",
-    "hook_resid_post",
-    "hook_attn_out",
-    "hook_mlp_out",
-    "mlp.hook_in",
-)
-"""Hook names (their last parts) whose width is the residual stream's, d_model."""
 
 
 def local_model_config(model: str) -> dict[str, Any] | None:

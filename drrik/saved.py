@@ -93,6 +93,20 @@ class SavedSAE:
         """The hook the dictionary writes: a transcoder's ``hook_name_out``, else its input."""
         return str(self.metadata.get("hook_name_out") or self.hook)
 
+    @property
+    def hooks(self) -> tuple[str, ...]:
+        """Every hook it reads, in order (a crosscoder's or CLT's several)."""
+        return tuple(self.metadata.get("hook_names") or (self.hook,))
+
+    @property
+    def target_hooks(self) -> tuple[str, ...]:
+        """Every hook it writes, in order."""
+        return tuple(
+            self.metadata.get("hook_names_out")
+            or self.metadata.get("hook_names")
+            or (self.target_hook,)
+        )
+
     def _run_config(self) -> RunConfig | None:
         """The run's config.yaml, checked; its device is not used here, so not checked."""
         if self.run_dir is None or not (self.run_dir / CONFIG_FILE).is_file():
@@ -125,7 +139,7 @@ class SavedSAE:
             saved = self._run_config()
             dtype = saved.model.model_dtype if saved else "float32"
             model = load_model(self.model_name(model), device=device, dtype=dtype)
-        check_hooks(model, [self.hook, self.target_hook])
+        check_hooks(model, list(dict.fromkeys(self.hooks + self.target_hooks)))
         return model
 
     def held_out(
@@ -194,7 +208,14 @@ def evaluate_saved(
     for saved in located[1:]:
         saved.load_model(lm)  # checks its hooks on the loaded model
     targets = [
-        EvalTarget(saved.sae_dir.name, saved.hook, sae, target_hook=saved.target_hook)
+        EvalTarget(
+            saved.sae_dir.name,
+            saved.hook,
+            sae,
+            target_hook=saved.target_hook,
+            reads=saved.hooks,
+            writes=saved.target_hooks,
+        )
         for saved, sae in zip(located, saes, strict=True)
     ]
     exclude = torch.tensor(SpecialTokens.of(lm.tokenizer).ids(), dtype=torch.long)

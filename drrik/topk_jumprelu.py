@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from drrik.sae.base import SAE
+from drrik.sae.clt import CrossLayerTranscoder
 from drrik.sae.topk import TopKSAE
 
 MAX_TOKENS = 8192
@@ -57,20 +58,25 @@ def is_topk_transcoder(sae: SAE, same_hook: bool) -> TypeGuard[TopKSAE]:
     return isinstance(sae, TopKSAE) and sae.cfg.architecture == "topk" and transcoder
 
 
+Hooks = tuple[tuple[str, ...], tuple[str, ...]]
+"""A dictionary's (input hooks, target hooks): one each, or a CLT's every layer."""
+
+
 @torch.no_grad()
 def collect(
     model: Any,
     contexts: Iterable[Tensor],
     exclude_ids: Tensor,
-    hooks: list[tuple[str, str]],
+    hooks: list[Hooks],
     width: int,
-) -> dict[tuple[str, str], HeldOut]:
-    """Inputs and targets of every (input hook, target hook) pair on the held-out contexts,
-    from one forward pass per batch, until :data:`MAX_TOKENS` tokens are in, or as many as
-    :data:`MAX_VALUES` allows for ``width`` values a token (all pairs' widths together)."""
+) -> dict[Hooks, HeldOut]:
+    """Inputs and targets of every dictionary's hooks on the held-out contexts (several
+    hooks side by side), from one forward pass per batch, until :data:`MAX_TOKENS` tokens are
+    in, or as many as :data:`MAX_VALUES` allows for ``width`` values a token (all the
+    dictionaries' widths together)."""
     max_tokens = max(1, min(MAX_TOKENS, MAX_VALUES // width))
-    names = sorted({h for pair in hooks for h in pair})
-    parts: dict[tuple[str, str], tuple[list[Tensor], list[Tensor]]] = {p: ([], []) for p in hooks}
+    names = sorted({h for pair in hooks for side in pair for h in side})
+    parts: dict[Hooks, tuple[list[Tensor], list[Tensor]]] = {p: ([], []) for p in hooks}
     device = next(model.parameters()).device
     n = 0
     for tokens in contexts:
@@ -80,8 +86,9 @@ def collect(
         keep = ~torch.isin(tokens, exclude_ids.to(device))
         _, cache = model.run_with_cache(tokens, names_filter=names, return_cache_object=False)
         for pair, (xs, ys) in parts.items():
-            for hook, out in zip(pair, (xs, ys), strict=True):
-                out.append(cache[hook][keep.to(cache[hook].device)][: max_tokens - n].float().cpu())
+            for side, out in zip(pair, (xs, ys), strict=True):
+                acts = [cache[h][keep.to(cache[h].device)][: max_tokens - n] for h in side]
+                out.append(torch.cat(acts, dim=-1).float().cpu())
         n += min(int(keep.sum()), max_tokens - n)
     return {p: HeldOut(torch.cat(xs), torch.cat(ys)) for p, (xs, ys) in parts.items()}
 
@@ -90,15 +97,25 @@ def collect(
 def threshold(sae: TopKSAE, x: Tensor) -> Tensor:
     """θ by the module's rule for a folded ``sae`` (reading raw ``x``): the mean of the
     (k·N)-th and (k·N+1)-th largest ReLU'd pre-activations, found exactly by merging each
-    chunk's largest into a running top."""
-    device = sae.W_dec.device
+    chunk's largest into a running top. A CLT keeps k per layer, so each layer gets its own
+    θ by the same rule, repeated over its features (``[d_sae]``)."""
+    device = sae.b_dec.device
+    groups = sae.n_layers if isinstance(sae, CrossLayerTranscoder) else 1
     n_keep = sae.k * x.shape[0]
-    top = torch.empty(0, device=device)
+    top = torch.empty(groups, 0, device=device)
     for chunk in x.split(CHUNK):
-        pre = sae.scaled_pre_acts(chunk.to(device)).float().relu().flatten()
-        merged = torch.cat([top, pre])
-        top = merged.topk(min(n_keep + 1, merged.numel())).values
-    return top[n_keep - 1 : n_keep + 1].mean()
+        pre = sae.scaled_pre_acts(chunk.to(device)).float().relu()
+        pre = pre.reshape(pre.shape[0], groups, -1).transpose(0, 1).reshape(groups, -1)
+        merged = torch.cat([top, pre], dim=1)
+        top = merged.topk(min(n_keep + 1, merged.shape[1]), dim=1).values
+    theta = top[:, n_keep - 1 : n_keep + 1].mean(dim=1)
+    return theta[0] if groups == 1 else theta.repeat_interleave(sae.d_sae // groups)
+
+
+def _per_layer(sae: TopKSAE, theta: Tensor) -> list[float]:
+    """A CLT's θ, one per layer (each repeated over its layer's features in ``theta``)."""
+    assert isinstance(sae, CrossLayerTranscoder)
+    return theta[:: sae.features_per_layer].tolist()
 
 
 def _fvu(sq_err: float, y: Tensor) -> float:
@@ -112,7 +129,7 @@ def jumprelu_form(sae: TopKSAE, held_out: HeldOut) -> tuple[Tensor, dict[str, An
     """θ for a folded TopK transcoder, and how far its JumpReLU form is from it on the held-out
     tokens: FVU (against the real target) and L0 of both, and their differences."""
     theta = threshold(sae, held_out.x)
-    device = sae.W_dec.device
+    device = sae.b_dec.device
     sq = {"topk": 0.0, "jumprelu": 0.0}
     active = {"topk": 0.0, "jumprelu": 0.0}
     for x, y in zip(held_out.x.split(CHUNK), held_out.y.split(CHUNK), strict=True):
@@ -128,7 +145,7 @@ def jumprelu_form(sae: TopKSAE, held_out: HeldOut) -> tuple[Tensor, dict[str, An
     l0 = {name: count / n for name, count in active.items()}
     report = {
         "rule": RULE,
-        "threshold": float(theta),
+        "threshold": float(theta) if theta.dim() == 0 else _per_layer(sae, theta),
         "held_out_tokens": n,
         "fvu_topk": fvu["topk"],
         "fvu_jumprelu": fvu["jumprelu"],

@@ -143,7 +143,7 @@ class Trainer:
         run = self.run
         flags = torch.tensor(
             [float(stopping), float(clock_due and run.dist.is_main)],
-            device=run.learners[0].sae.W_dec.device,
+            device=run.learners[0].sae.b_dec.device,
         )
         stop, clock = run.dist.max_(flags).tolist()
         return stop > 0, clock > 0

@@ -216,9 +216,17 @@ TRANSCODERS = (
 MATRYOSHKA_CASE = "matryoshka-between-checkpoints"
 MATRYOSHKA = ("--architecture", "matryoshka_batchtopk", "--matryoshka-widths", "8", "32", "128")
 """Flags that turn the run into a Matryoshka BatchTopK (the last --architecture wins)."""
+CROSSCODER = ("--dictionary", "crosscoder", "--hook", "blocks.{layer}.hook_resid_post")
+"""Flags that turn the run into a crosscoder over the residual stream of two layers."""
 EXTRA_CASES: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {
     TRANSCODER_CASE: (TRANSCODERS, ("blocks.0.mlp.hook_in", "blocks.1.mlp.hook_in"), "W_skip"),
     MATRYOSHKA_CASE: (MATRYOSHKA, ("",), "threshold"),
+    "crosscoder-between-checkpoints": ((*CROSSCODER, "--layers", "0", "1"), ("",), "W_dec"),
+    "clt-between-checkpoints": (
+        (*TRANSCODERS[:4], "--layers", "0", "1", "2", "--dictionary", "clt"),
+        ("",),
+        "W_dec_2",
+    ),
 }
 """Runs killed between checkpoints like the plain one, each compared with its own reference:
 case -> (extra flags, its saved dictionaries' names, a tensor each must have)."""
@@ -340,7 +348,8 @@ def test_kill_9_of_other_dictionaries_resumes_to_identical_weights(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """What else a checkpoint holds resumes exactly: a skip transcoder set's two scales,
-    W_skip and target-initialized b_dec per layer; a Matryoshka's learned threshold."""
+    W_skip and target-initialized b_dec per layer; a Matryoshka's learned threshold; a
+    crosscoder's and a CLT's per-hook scales (and a TopK CLT's held-out JumpReLU form)."""
     flags, names, extra_tensor = EXTRA_CASES[case]
     run = launched[case]
     run.proc.wait(timeout=WAIT_S)

@@ -11,6 +11,7 @@ import torch
 
 from drrik.sae import (  # noqa: F401  (registration)
     batchtopk,
+    clt,
     gated,
     jumprelu,
     matryoshka,
@@ -19,6 +20,7 @@ from drrik.sae import (  # noqa: F401  (registration)
 )
 from drrik.sae.base import SAE, SparseTrainOutput, TrainOutput
 from drrik.sae.batchtopk import BatchTopKSAE
+from drrik.sae.clt import CrossLayerTranscoder
 from drrik.sae.config import SAEConfig
 from drrik.sae.dead_features import DeadFeatureTracker, resample_dead_features
 from drrik.sae.gated import GatedSAE
@@ -42,6 +44,7 @@ __all__ = [
     "KNOWN_ARCHITECTURES",
     "SAE",
     "BatchTopKSAE",
+    "CrossLayerTranscoder",
     "DeadFeatureTracker",
     "GatedSAE",
     "JumpReLUSAE",

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from drrik.sae import saving
 from drrik.sae.config import SAEConfig
-from drrik.sae.registry import ARCHITECTURES
+from drrik.sae.registry import sae_class
 
 DECODER_INIT_NORM = 0.1
 """Initial decoder-row norm when rows are not held at unit norm (Anthropic, April 2024)."""
@@ -271,7 +271,9 @@ class SAE(nn.Module):
     # ---- folding ---------------------------------------------------------------------------
 
     @torch.no_grad()
-    def fold_activation_scale(self, scale: float, target_scale: float | None = None) -> None:
+    def fold_activation_scale(
+        self, scale: float | Tensor, target_scale: float | Tensor | None = None
+    ) -> None:
         """Turn a dictionary trained on ``x * scale`` (and, for a transcoder, on targets
         ``y * target_scale``) into one for raw ``x`` and ``y``, exactly.
 
@@ -283,6 +285,9 @@ class SAE(nn.Module):
         be finite and > 0 (the store refuses activations that would give another).
         """
         target_scale = scale if target_scale is None else target_scale
+        if isinstance(scale, Tensor) or isinstance(target_scale, Tensor):
+            self._fold_hook_scales(torch.as_tensor(scale), torch.as_tensor(target_scale))
+            return
         for value in (scale, target_scale):
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"fold_activation_scale needs a finite scale > 0, got {value!r}")
@@ -293,6 +298,20 @@ class SAE(nn.Module):
         self.b_enc.div_(target_scale)
         self.b_dec.div_(target_scale)
         self._fold_scale_extras(target_scale)
+
+    def _fold_hook_scales(self, scale: Tensor, target_scale: Tensor) -> None:
+        """The fold for per-hook scales (``[d_in]`` and ``[d_out]``, a crosscoder's): feature
+        activations cannot shrink by one number, so they keep their training units (and every
+        threshold stays), the encoder rows take the input scale and the decoder's output
+        columns and bias the target scale's inverse. Decoder rows lose their unit norm."""
+        for value in (scale, target_scale):
+            if not bool(torch.isfinite(value).all() and (value > 0).all()):
+                raise ValueError("fold_activation_scale needs finite scales > 0")
+        self.W_enc.mul_(scale.to(self.W_enc)[:, None])
+        self.W_dec.div_(target_scale.to(self.W_dec))
+        self.b_dec.div_(target_scale.to(self.b_dec))
+        if self.W_skip is not None:
+            self.W_skip.mul_(scale.to(self.W_skip)[None, :] / target_scale.to(self.W_skip)[:, None])
 
     def _fold_scale_extras(self, scale: float) -> None:
         """Divide architecture-specific biases/thresholds by ``scale``."""
@@ -356,4 +375,4 @@ class SAE(nn.Module):
     @classmethod
     def from_config(cls, cfg: SAEConfig, device: torch.device | str | None = None) -> SAE:
         """Build the registered class for ``cfg.architecture``."""
-        return ARCHITECTURES[cfg.architecture](cfg, device=device)
+        return sae_class(cfg)(cfg, device=device)

@@ -37,9 +37,16 @@ class BatchTopKSAE(TopKSAE):
 
     def __init__(self, cfg: SAEConfig, device: torch.device | str | None = None) -> None:
         super().__init__(cfg, device=device)
-        dtype = cfg.torch_dtype()
-        self.register_buffer("threshold", torch.zeros((), device=device, dtype=dtype))
-        self.register_buffer("threshold_updates", torch.zeros((), device=device))
+        self.register_thresholds((), device)
+
+    def register_thresholds(
+        self, shape: tuple[int, ...], device: torch.device | str | None
+    ) -> None:
+        """The inference threshold buffers: one global (``()``), or one per group of features
+        that keeps its own k (a CLT's layers)."""
+        dtype = self.cfg.torch_dtype()
+        self.register_buffer("threshold", torch.zeros(shape, device=device, dtype=dtype))
+        self.register_buffer("threshold_updates", torch.zeros(shape, device=device))
 
     def batch_topk(self, pre: Tensor) -> tuple[Tensor, Tensor]:
         """Keep the ``k * tokens`` largest ReLU'd activations of the batch; also return them."""
@@ -61,8 +68,9 @@ class BatchTopKSAE(TopKSAE):
 
     @torch.no_grad()
     def update_threshold(self, kept: Tensor) -> None:
-        """EMA of the smallest positive kept activation; the first update sets it directly."""
-        smallest = torch.where(kept > 0, kept.detach(), float("inf")).min().to(self.threshold)
+        """EMA of the smallest positive kept activation; the first update sets it directly.
+        ``kept`` is ``[n]``, or ``[groups, n]`` for per-group thresholds."""
+        smallest = torch.where(kept > 0, kept.detach(), float("inf")).amin(-1).to(self.threshold)
         momentum = self.cfg.batchtopk_threshold_momentum
         blended = momentum * self.threshold + (1 - momentum) * smallest
         updated = torch.where(self.threshold_updates == 0, smallest, blended)

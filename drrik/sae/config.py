@@ -15,13 +15,19 @@ from simple_parsing.helpers import Serializable
 
 from drrik import dtypes
 from drrik.errors import require
-from drrik.sae.registry import ARCHITECTURES
+from drrik.sae.registry import ARCHITECTURES, sae_class
 
 DEFAULT_EXPANSION_FACTOR = 8
 DEFAULT_L1_COEFFICIENT = 5.0
 DEFAULT_K = 64
 """Features per token a topk/batchtopk keeps when neither k nor target_l0 is given: the
 default run's sparsity (benchmarks/README.md, default_sae.py)."""
+
+
+DICTIONARIES = ("sae", "crosscoder", "clt")
+"""What one dictionary covers (``SAEConfig.dictionary``)."""
+CLT_ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
+"""The sparsity mechanisms a cross-layer transcoder's features may have."""
 
 
 @dataclass
@@ -102,6 +108,15 @@ class SAEConfig(Serializable):
     dtype: str = "float32"
     """Parameter dtype: float32, float64, bfloat16 or float16."""
 
+    dictionary: str = "sae"
+    """What one dictionary covers: sae (one per --hook: an SAE, or a transcoder with
+    --target-hook), crosscoder (one reading every --hook jointly) or clt (a cross-layer
+    transcoder over --layers, from each layer's --hook to its and every later --target-hook)."""
+
+    hook_widths: list[int] = field(default_factory=list)
+    """Filled at run time for a crosscoder or CLT: the width of each hook it reads, in order
+    (d_in is their sum)."""
+
     def __post_init__(self) -> None:
         # Importing this module imports drrik.sae first, whose architecture imports fill the
         # registry before any config exists.
@@ -111,7 +126,25 @@ class SAEConfig(Serializable):
             self.architecture,
             f"use one of {', '.join(ARCHITECTURES)}",
         )
-        sae_cls = ARCHITECTURES[self.architecture]
+        require(
+            self.dictionary in DICTIONARIES,
+            "dictionary",
+            self.dictionary,
+            f"use one of {', '.join(DICTIONARIES)}",
+        )
+        require(
+            self.dictionary != "clt" or self.architecture in CLT_ARCHITECTURES,
+            "architecture",
+            self.architecture,
+            f"a CLT's features are {', '.join(CLT_ARCHITECTURES)}",
+        )
+        sae_cls = sae_class(self)
+        require(
+            all(w > 0 for w in self.hook_widths),
+            "hook_widths",
+            self.hook_widths,
+            "use positive widths (or leave it empty: the run fills it)",
+        )
         require(self.d_in >= 0, "d_in", self.d_in, "use a positive width (or 0 = from the model)")
         require(self.d_out >= 0, "d_out", self.d_out, "use a positive width (or 0 = d_in)")
         require(
@@ -205,7 +238,7 @@ class SAEConfig(Serializable):
         """
         if self.normalize_decoder is not None:
             return self.normalize_decoder
-        return ARCHITECTURES[self.architecture].default_normalize_decoder(self)
+        return sae_class(self).default_normalize_decoder(self)
 
     def resolved_aux_k(self) -> int:
         """Dead features the AuxK loss may use: aux_k, else d_in // 2, at most d_sae."""
@@ -219,6 +252,51 @@ class SAEConfig(Serializable):
             return list(self.matryoshka_widths)
         d_sae = self.resolved_d_sae()
         return sorted({d_sae // 8, d_sae // 4, d_sae // 2, d_sae} - {0})
+
+    def l0_units(self) -> int:
+        """How many ``k`` / ``target_l0`` a token's L0 holds: one per layer for a CLT, whose
+        sparsity is set per layer, else one."""
+        return max(len(self.hook_widths), 1) if self.dictionary == "clt" else 1
+
+    def n_layers(self) -> int:
+        """Layers a CLT covers: one per hook it reads."""
+        return len(self.hook_widths)
+
+    def check_clt(self) -> None:
+        """A CLT's shape: equal layer widths that make up d_in, an output as wide as its input,
+        the same number of features in every layer, no skip connection."""
+        widths, n_layers = self.hook_widths, self.n_layers()
+        require(len(set(widths)) == 1, "hook_widths", widths, "a CLT's layers share one width")
+        require(
+            self.d_in in (0, sum(widths)),
+            "d_in",
+            self.d_in,
+            f"a CLT reads its layers' inputs side by side: d_in = {sum(widths)}",
+        )
+        require(
+            self.d_out in (0, sum(widths)),
+            "d_out",
+            self.d_out,
+            f"a CLT writes every layer it reads: d_out = {sum(widths)}",
+        )
+        require(
+            not self.skip_connection,
+            "skip_connection",
+            True,
+            "a CLT has no skip connection (circuit-tracer neither saves nor loads one)",
+        )
+        if self.d_in > 0 or self.d_sae is not None:
+            d_sae = self.resolved_d_sae()
+            require(
+                d_sae % n_layers == 0,
+                "d_sae",
+                d_sae,
+                f"a CLT gives each of its {n_layers} layers d_sae / {n_layers} features",
+            )
+            if sae_class(self).needs_k:
+                k = self.resolved_k()
+                per_layer = d_sae // n_layers
+                require(k <= per_layer, "k", k, f"k is per layer: use k <= {per_layer}")
 
     def torch_dtype(self) -> torch.dtype:
         """The parameter dtype as a torch dtype."""
@@ -234,6 +312,8 @@ class SAEConfig(Serializable):
         an L0 above d_in is no longer a sparse code of the input. Run at construction when a
         width is given, and again when the SAE is built, after the trainer fills d_in."""
         known = self.d_in > 0 or self.d_sae is not None
+        if self.dictionary == "clt" and self.hook_widths:
+            self.check_clt()
         if known and self.matryoshka_widths and self.architecture == "matryoshka_batchtopk":
             d_sae = self.resolved_d_sae()
             require(

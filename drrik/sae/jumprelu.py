@@ -92,10 +92,13 @@ class JumpReLUSAE(SAE):
 
     def __init__(self, cfg: SAEConfig, device: torch.device | str | None = None) -> None:
         super().__init__(cfg, device=device)
-        log_theta = torch.full(
-            (self.d_sae,), math.log(cfg.jumprelu_init_threshold), dtype=cfg.torch_dtype()
-        )
-        self.log_threshold = nn.Parameter(log_theta.to(device))
+        self.log_threshold = self.initial_log_threshold(device)
+
+    def initial_log_threshold(self, device: torch.device | str | None) -> nn.Parameter:
+        """Every feature's log threshold at ``jumprelu_init_threshold``."""
+        init = math.log(self.cfg.jumprelu_init_threshold)
+        log_theta = torch.full((self.d_sae,), init, dtype=self.cfg.torch_dtype())
+        return nn.Parameter(log_theta.to(device))
 
     @property
     def threshold(self) -> Tensor:
@@ -139,13 +142,15 @@ class JumpReLUSAE(SAE):
     @torch.no_grad()
     def start_near_l0(self, x: Tensor, target_l0: int) -> None:
         """Start each feature's threshold at the quantile of its pre-activations on ``x`` that
-        it exceeds on ``START_L0_FACTOR * target_l0 / d_sae`` of the tokens, so the L0 starts
+        it exceeds on ``START_L0_FACTOR * target_l0 / d_sae`` of the tokens (a CLT's target is
+        per layer: ``/ features_per_layer``), so the L0 starts
         near ``START_L0_FACTOR * target_l0``. Thresholds move by about the learning rate per
         step in log space, so from a fixed start (0.001) no run of hundreds of steps gets from
         the ~half of the features that fire there down to a target of tens; from here the L0
         controller only has the rest to do. A feature whose quantile is not above the
         configured start keeps that start."""
-        quantile = firing_quantile(self.pre_acts(x), START_L0_FACTOR * target_l0)
+        per_token = START_L0_FACTOR * target_l0 * self.cfg.l0_units()
+        quantile = firing_quantile(self.pre_acts(x), per_token)
         start = torch.full_like(quantile, self.cfg.jumprelu_init_threshold)
         self.log_threshold.copy_(torch.maximum(quantile, start).log())
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
     from drrik.sae.base import SAE
+    from drrik.sae.config import SAEConfig
 
 SAEType = TypeVar("SAEType", bound="type[SAE]")
 
@@ -23,3 +24,21 @@ def register(sae_cls: SAEType) -> SAEType:
     """Class decorator adding an architecture to :data:`ARCHITECTURES` under its name."""
     ARCHITECTURES[sae_cls.architecture] = sae_cls
     return sae_cls
+
+
+CLT_CLASSES: dict[str, type[SAE]] = {}
+"""A cross-layer transcoder's sparsity (its ``architecture``) -> CLT class. Filled by
+:func:`register_clt`: a CLT shares its architecture's name, so it needs a table of its own."""
+
+
+def register_clt(clt_cls: SAEType) -> SAEType:
+    """Class decorator adding a cross-layer transcoder to :data:`CLT_CLASSES`."""
+    CLT_CLASSES[clt_cls.architecture] = clt_cls
+    return clt_cls
+
+
+def sae_class(cfg: SAEConfig) -> type[SAE]:
+    """The class that builds ``cfg``: its CLT class for ``dictionary="clt"``, else its
+    architecture's."""
+    table = CLT_CLASSES if cfg.dictionary == "clt" else ARCHITECTURES
+    return table[cfg.architecture]

@@ -31,7 +31,7 @@ from torch import Tensor
 from drrik.errors import read_json, reading, require
 from drrik.run_dir import atomic_write
 from drrik.sae.config import SAEConfig
-from drrik.sae.registry import ARCHITECTURES
+from drrik.sae.registry import sae_class
 
 if TYPE_CHECKING:  # the SAE's methods call this module; it only calls theirs
     from drrik.sae.base import SAE
@@ -54,6 +54,8 @@ def saelens_architecture(sae: SAE, metadata: dict[str, Any], jumprelu: bool = Fa
     """SAELens's name for ``sae``'s class: a transcoder's when it writes another hook
     (``metadata`` names ``hook_name_out``) or has a skip connection; ``jumprelu`` names the
     JumpReLU form it is saved in with a threshold."""
+    if sae.cfg.dictionary == "clt":  # no SAELens class loads it; the name only says what it is
+        return f"clt_{'jumprelu' if jumprelu else sae.cfg.architecture}"
     transcoder = "hook_name_out" in metadata or sae.W_skip is not None
     key = ("jumprelu" if jumprelu else sae.saelens_architecture, sae.W_skip is not None)
     return _TRANSCODERS.get(key, sae.saelens_architecture) if transcoder else key[0]
@@ -71,7 +73,7 @@ def saelens_cfg(
         "d_sae": sae.d_sae,
         "d_out": sae.d_out,
         "dtype": sae.cfg.dtype,
-        "device": str(sae.W_dec.device),
+        "device": str(sae.b_dec.device),
         "apply_b_dec_to_input": sae.cfg.apply_b_dec_to_input,
         "normalize_activations": "none",
         "reshape_activations": "none",
@@ -162,11 +164,11 @@ def load_sae(directory: str | Path, device: torch.device | str | None = None) ->
             cfg = SAEConfig.from_dict(drrik_block["config"])
         else:
             cfg = _config_from_saelens(cfg_json)
-    sae = ARCHITECTURES[cfg.architecture](cfg, device=device)
+    sae = sae_class(cfg)(cfg, device=device)
     weights = path / WEIGHTS_FILENAME
     require(weights.is_file(), "file", str(weights), f"missing; {SAVED_SAE_FIX}")
     with reading("file", str(weights), SAVED_SAE_FIX):
-        tensors = load_file(str(weights), device=str(sae.W_dec.device))
+        tensors = load_file(str(weights), device=str(sae.b_dec.device))
     for name in sae.saelens_weight_names():  # copy_ would broadcast a wrong shape
         shape, own = tuple(tensors[name].shape) if name in tensors else None, getattr(sae, name)
         require(

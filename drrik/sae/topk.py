@@ -126,6 +126,11 @@ class TopKSAE(SAE):
         return self.cfg.resolved_k()
 
     @property
+    def selection_width(self) -> int:
+        """Features one top-k ranks: all of them here (a CLT ranks each layer's own)."""
+        return self.d_sae
+
+    @property
     def rescale_by_decoder_norm(self) -> bool:
         """Whether activations are measured as if decoder rows had unit norm."""
         return not self.normalize_decoder
@@ -206,7 +211,7 @@ class TopKSAE(SAE):
             return False
         if self.sparse_training is not None:
             return self.sparse_training
-        return x.device.type == "cpu" and self.k <= self.d_sae * SPARSE_MAX_DENSITY
+        return x.device.type == "cpu" and self.k <= self.selection_width * SPARSE_MAX_DENSITY
 
     def _sparse_decode(self, idx: Tensor, values: Tensor, norms: Tensor | None) -> Tensor:
         """``sum_i values[:, i] * W_dec[idx[:, i]]`` (divided by row norms when rescaling)."""
