@@ -41,6 +41,14 @@ def firing_quantile(pre: Tensor, per_token: float) -> Tensor:
     return pre.float().topk(kept, dim=0).values[-1]
 
 
+def as_scale(value: float | Tensor, width: int) -> Tensor:
+    """A scale as a float32 ``[width]`` vector, refused unless finite and > 0 everywhere."""
+    scale = torch.as_tensor(value, dtype=torch.float32).expand(width)
+    if not bool(torch.isfinite(scale).all() and (scale > 0).all()):
+        raise ValueError(f"fold_activation_scale needs finite scales > 0, got {value!r}")
+    return scale
+
+
 @dataclass
 class TrainOutput:
     """What one training forward pass returns.
@@ -286,7 +294,7 @@ class SAE(nn.Module):
         """
         target_scale = scale if target_scale is None else target_scale
         if isinstance(scale, Tensor) or isinstance(target_scale, Tensor):
-            self._fold_hook_scales(torch.as_tensor(scale), torch.as_tensor(target_scale))
+            self._fold_hook_scales(scale, target_scale)
             return
         for value in (scale, target_scale):
             if not (math.isfinite(value) and value > 0):
@@ -299,14 +307,12 @@ class SAE(nn.Module):
         self.b_dec.div_(target_scale)
         self._fold_scale_extras(target_scale)
 
-    def _fold_hook_scales(self, scale: Tensor, target_scale: Tensor) -> None:
+    def _fold_hook_scales(self, scale: float | Tensor, target_scale: float | Tensor) -> None:
         """The fold for per-hook scales (``[d_in]`` and ``[d_out]``, a crosscoder's): feature
         activations cannot shrink by one number, so they keep their training units (and every
         threshold stays), the encoder rows take the input scale and the decoder's output
         columns and bias the target scale's inverse. Decoder rows lose their unit norm."""
-        for value in (scale, target_scale):
-            if not bool(torch.isfinite(value).all() and (value > 0).all()):
-                raise ValueError("fold_activation_scale needs finite scales > 0")
+        scale, target_scale = as_scale(scale, self.d_in), as_scale(target_scale, self.d_out)
         self.W_enc.mul_(scale.to(self.W_enc)[:, None])
         self.W_dec.div_(target_scale.to(self.W_dec))
         self.b_dec.div_(target_scale.to(self.b_dec))

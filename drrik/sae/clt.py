@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from drrik.sae.base import DECODER_INIT_NORM, SAE, SparseTrainOutput, TrainOutput
+from drrik.sae.base import DECODER_INIT_NORM, SAE, SparseTrainOutput, TrainOutput, as_scale
 from drrik.sae.batchtopk import BatchTopKSAE
 from drrik.sae.config import SAEConfig
 from drrik.sae.jumprelu import JumpReLUSAE
@@ -46,14 +46,6 @@ def _unit_rows(n: int, width: int) -> Tensor:
     """``[n, width]`` random unit rows (float32, CPU: one seed, one CLT on every device)."""
     directions = torch.randn(n, width)
     return directions / directions.norm(dim=1, keepdim=True)
-
-
-def _as_scale(value: float | Tensor, width: int) -> Tensor:
-    """A scale as a float32 ``[width]`` vector, refused unless finite and > 0 everywhere."""
-    scale = torch.as_tensor(value, dtype=torch.float32).expand(width)
-    if not bool(torch.isfinite(scale).all() and (scale > 0).all()):
-        raise ValueError(f"fold_activation_scale needs finite scales > 0, got {value!r}")
-    return scale
 
 
 class _Assemble(torch.autograd.Function):
@@ -203,13 +195,14 @@ class CrossLayerTranscoder(SAE):
     def fold_activation_scale(
         self, scale: float | Tensor, target_scale: float | Tensor | None = None
     ) -> None:
-        """Make ``new(x) == old(x * scale) / target_scale`` for floats or ``[L*d]`` vectors
-        (one value per layer slice, or any): encoder rows take the input scale, decoder output
-        columns and ``b_dec`` the inverse target scale. Feature activations and thresholds
-        keep their training units, since per-layer target scales give no one unit to move
-        them to; decoder rows lose any unit norm."""
-        scale = _as_scale(scale, self.d_in)
-        target = _as_scale(scale if target_scale is None else target_scale, self.d_out)
+        """Always the per-hook fold (:meth:`SAE._fold_hook_scales`), for floats too: per-layer
+        target scales give the features no one unit to move to."""
+        self._fold_hook_scales(scale, scale if target_scale is None else target_scale)
+
+    def _fold_hook_scales(self, scale: float | Tensor, target_scale: float | Tensor) -> None:
+        """The per-hook fold on the block layout: encoder rows take the input scale, each
+        decoder block's output columns and ``b_dec`` the inverse target scale."""
+        scale, target = as_scale(scale, self.d_in), as_scale(target_scale, self.d_out)
         self.W_enc.mul_(scale.view(self.n_layers, self.d_layer, 1).to(self.W_enc))
         for i, W in enumerate(self.W_dec):
             W.div_(target[i * self.d_layer :].to(W))
