@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from drrik.checkpoint import CheckpointManager
-from drrik.config import RunConfig, load_config_file
+from drrik.config import RunConfig, check_feature_slices, load_config_file
 from drrik.data import ContextStream, load_source
 from drrik.distributed import Distributed
 from drrik.errors import ConfigError, require
@@ -66,7 +66,9 @@ def assemble(
     directory (another config's run, or one in use), the wandb mode and the dataset.
     """
     dist = Distributed.from_environment(
-        cfg.model.device, cfg.distributed.distributed_timeout_minutes
+        cfg.model.device,
+        cfg.distributed.distributed_timeout_minutes,
+        cfg.distributed.feature_parallel,
     )
     require(
         not (dist.enabled and cfg.model.model_n_devices > 1),
@@ -105,7 +107,9 @@ def _check_widths_before_loading(cfg: RunConfig) -> None:
     for spec in cfg.dictionaries(n_layers):
         widths = {h: config_hook_width(config, h) for h in spec.hooks}
         if None not in widths.values():
-            sized_spec(spec, widths).sae.check_buildable()  # type: ignore[arg-type]
+            sized = sized_spec(spec, widths).sae  # type: ignore[arg-type]
+            sized.check_buildable()
+            check_feature_slices(sized, cfg.distributed.feature_parallel)
 
 
 def sized_spec(spec: DictionarySpec, widths: dict[str, int]) -> DictionarySpec:
@@ -197,11 +201,12 @@ def _build(
     sized = [sized_spec(spec, stores[0].d_in) for spec in specs]
     for spec in sized:  # every width-dependent check (k, target_l0) before any SAE is built
         spec.sae.check_buildable()
+        check_feature_slices(spec.sae, cfg.distributed.feature_parallel)
     for i, spec in enumerate(sized):
         if run.verbose and spec.sae.dictionary == "clt":  # they grow with layers squared
             log.info(f"{spec.name}: {decoder_memory(spec.sae)}")
         torch.manual_seed(cfg.trainer.seed + i)
-        learner = Learner.build(spec, cfg.trainer, run.total_steps, device)
+        learner = Learner.build(spec, cfg.trainer, run.total_steps, device, dist.features)
         run.learners.append(learner)
         start = spec.sae.l1_coefficient
         if run.verbose and learner.controller is not None and start != DEFAULT_L1_COEFFICIENT:

@@ -121,6 +121,63 @@ def check_joint_hooks(
     )
 
 
+FEATURE_PARALLEL_REFUSED = {"gated", "matryoshka_batchtopk"}
+"""Architectures whose features cannot be split over ranks yet: gated's two encoders and the
+Matryoshka prefixes' per-prefix losses would need collectives of their own."""
+
+
+def check_feature_slices(sae: SAEConfig, degree: int) -> None:
+    """What splitting one dictionary's features over ``degree`` ranks (``--feature-parallel``)
+    needs; the widths are checked once known (``d_sae`` set, or the hook width)."""
+    if degree == 1:
+        return
+    refused = (
+        "a CLT"
+        if sae.dictionary == "clt"
+        else "ghost grads"
+        if sae.use_ghost_grads
+        else sae.architecture
+        if sae.architecture in FEATURE_PARALLEL_REFUSED
+        else ""
+    )
+    require(
+        not refused,
+        "feature_parallel",
+        degree,
+        f"{refused} trains with all its features on each rank; use relu, topk, batchtopk or "
+        "jumprelu (SAEs, transcoders, crosscoders) to split features, or --feature-parallel 1",
+    )
+    if sae.d_sae is None and sae.d_in <= 0:
+        return
+    d_sae = sae.resolved_d_sae()
+    require(
+        d_sae % degree == 0,
+        "feature_parallel",
+        degree,
+        f"must divide the dictionary's width d_sae={d_sae} so every rank holds as many "
+        "features; pick a divisor of d_sae (or a d_sae it divides)",
+    )
+    per_rank = d_sae // degree
+    if ARCHITECTURES[sae.architecture].needs_k:
+        k = sae.resolved_k()
+        require(
+            k <= per_rank,
+            "feature_parallel",
+            degree,
+            f"each rank ranks its own top k={k} candidates, so k must be at most d_sae / "
+            f"feature_parallel = {per_rank}; lower --feature-parallel or k",
+        )
+        if sae.d_in > 0:
+            aux_k = sae.resolved_aux_k()
+            require(
+                aux_k <= per_rank,
+                "aux_k",
+                aux_k,
+                f"must be at most d_sae / feature_parallel = {per_rank} (each rank ranks its own "
+                "AuxK candidates); set --aux-k lower",
+            )
+
+
 @dataclass
 class ModelConfig(Serializable):
     """Which language model to hook, where and at what precision."""
@@ -320,7 +377,8 @@ class RunConfig(Serializable):
             "raise training_tokens or lower train_batch_size_tokens",
         )
         self.store.check_fits(self.data.context_size)
-        self.dictionaries()  # each swept config and each hook pair must validate too
+        for spec in self.dictionaries():  # each swept config and each hook pair must validate
+            check_feature_slices(spec.sae, self.distributed.feature_parallel)
         require(
             self.sae.dictionary != "clt" or self.trainer.resample_every_tokens == 0,
             "resample_every_tokens",

@@ -17,9 +17,11 @@ RESUMABLE_CHANGES = (
     "checkpoint.checkpoint_every_minutes",
     "checkpoint.keep_checkpoints",
     "model.device",
+    "distributed.feature_parallel",
     "wandb.",
 )
-"""Fields (or, ending in a dot, sections) a resumed run may change: budget, cadences, device."""
+"""Fields (or, ending in a dot, sections) a resumed run may change: budget, cadences, device
+and how the features are split over ranks (checkpoints are resliced)."""
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

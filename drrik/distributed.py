@@ -1,4 +1,5 @@
-"""Data parallelism over torch.distributed, launched by torchrun; a no-op in one process.
+"""Data and feature parallelism over torch.distributed, launched by torchrun; a no-op in one
+process.
 
 Each rank streams its own data shards through its own copy of the model; SAE gradients are
 averaged across ranks with one all-reduce per SAE and step (the collective DDP would run), so
@@ -10,6 +11,11 @@ collectives, and NCCL takes tensors on the rank's GPU only, so every collective 
 placement first and names the culprit. A second, gloo group with a long timeout carries what is
 not per-step: the waits while rank 0 alone evaluates, plots, saves or uploads (NCCL's watchdog
 would abort ranks idling in an NCCL barrier for that long) and the small checkpoint metadata.
+
+With ``--feature-parallel N`` the ranks form a 2-D mesh, data x features: the N consecutive
+ranks of a *feature group* each hold a slice of every dictionary's features and train on their
+joined rows (:mod:`drrik.sae.feature_shards`), and gradients are averaged over the *data
+group*, the ranks that hold the same slice.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from drrik.errors import ConfigError, require
+from drrik.sae.feature_shards import FeatureShards
 
 MAIN_WORK_TIMEOUT = timedelta(days=1)
 """How long other ranks wait while rank 0 alone evaluates, saves or uploads."""
@@ -42,6 +49,10 @@ class Distributed:
     """The gloo group (long timeout) for waits on rank 0 and checkpoint metadata."""
     owns_default_group: bool = False
     """Whether :meth:`from_environment` started the default group, so :meth:`close` ends it."""
+    features: FeatureShards | None = None
+    """This rank's slice of the features, with ``--feature-parallel`` above 1."""
+    data_group: Any = None
+    """The ranks holding the same slice as this one (every rank without feature slices)."""
 
     @property
     def is_main(self) -> bool:
@@ -51,10 +62,25 @@ class Distributed:
     def enabled(self) -> bool:
         return self.world_size > 1
 
+    @property
+    def data_size(self) -> int:
+        """Ranks in the data group: the data-parallel degree."""
+        return self.world_size // (1 if self.features is None else self.features.count)
+
     @classmethod
-    def from_environment(cls, device: str, timeout_minutes: float) -> Distributed:
+    def from_environment(
+        cls, device: str, timeout_minutes: float, feature_parallel: int = 1
+    ) -> Distributed:
         """Join the torchrun job described by the environment, if there is one."""
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        require(
+            world_size % feature_parallel == 0 and world_size >= feature_parallel,
+            "feature_parallel",
+            feature_parallel,
+            f"the data x features mesh needs a multiple of {feature_parallel} processes and "
+            f"this job has {world_size}; launch with torchrun --nproc-per-node "
+            f"{feature_parallel} (or a multiple), or lower --feature-parallel",
+        )
         if world_size == 1:
             return cls()
         rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
@@ -71,7 +97,14 @@ class Distributed:
             )
         timeout = max(MAIN_WORK_TIMEOUT, timedelta(minutes=timeout_minutes))
         wait_group = dist.new_group(backend="gloo", timeout=timeout)
-        return cls(rank, world_size, local_rank, collective_device, wait_group, owns_default_group)
+        placed = cls(
+            rank, world_size, local_rank, collective_device, wait_group, owns_default_group
+        )
+        if feature_parallel > 1:
+            placed.features, placed.data_group = _mesh(
+                rank, world_size, feature_parallel, timedelta(minutes=timeout_minutes)
+            )
+        return placed
 
     def device(self, configured: str) -> torch.device:
         """Under torchrun each rank takes its own GPU: cuda becomes cuda:LOCAL_RANK.
@@ -112,36 +145,44 @@ class Distributed:
                 )
 
     def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
-        """Average gradients over ranks in one flat all-reduce."""
+        """Average gradients over the data group in one flat all-reduce."""
         grads = [p.grad for p in params if p.grad is not None]
-        if not self.enabled or not grads:
+        if self.data_size == 1 or not grads:
             return
         self.check_placement(grads)
         flat = _flatten_dense_tensors(grads)
-        dist.all_reduce(flat)
-        flat.div_(self.world_size)
+        dist.all_reduce(flat, group=self.data_group)
+        flat.div_(self.data_size)
         for grad, synced in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
             grad.copy_(synced)
 
-    def average_(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.enabled:
+    def average_(self, tensor: torch.Tensor, data: bool = False) -> torch.Tensor:
+        """The mean over every rank (``data``: over the data group, whose ranks hold the same
+        feature slice)."""
+        size = self.data_size if data else self.world_size
+        if size > 1:
             self.check_placement([tensor])
-            dist.all_reduce(tensor)
-            tensor.div_(self.world_size)
+            dist.all_reduce(tensor, group=self.data_group if data else None)
+            tensor.div_(size)
         return tensor
 
-    def max_(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.enabled:
+    def max_(self, tensor: torch.Tensor, data: bool = False) -> torch.Tensor:
+        """The maximum over every rank (``data``: over the data group)."""
+        if (self.data_size if data else self.world_size) > 1:
             self.check_placement([tensor])
-            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+            group = self.data_group if data else None
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
         return tensor
 
-    def broadcast_(self, tensors: list[torch.Tensor]) -> None:
-        """Make every rank's tensors equal to rank 0's."""
-        if self.enabled:
+    def broadcast_(self, tensors: list[torch.Tensor], data: bool = False) -> None:
+        """Make every rank's tensors equal to rank 0's (``data``: to the data group's first
+        rank's, which holds the same feature slice)."""
+        if (self.data_size if data else self.world_size) > 1:
             self.check_placement(tensors)
+            group = self.data_group if data else None
+            source = self.features.index if data and self.features is not None else 0
             for tensor in tensors:
-                dist.broadcast(tensor, src=0)
+                dist.broadcast(tensor, src=source, group=group)
 
     def gather(self, obj: Any) -> list[Any] | None:
         """Every rank's small ``obj`` (names, checksums) on rank 0, in rank order; None
@@ -176,3 +217,17 @@ class Distributed:
         elif self.wait_group is not None:
             dist.destroy_process_group(self.wait_group)
         self.wait_group, self.owns_default_group = None, False
+
+
+def _mesh(rank: int, world_size: int, degree: int, timeout: timedelta) -> tuple[FeatureShards, Any]:
+    """This rank's feature group (``degree`` consecutive ranks) and data group (the ranks
+    holding the same slice) on a data x features mesh. Every rank creates every group, in the
+    same order, as ``new_group`` requires; each with the training timeout, so a dead or hung
+    rank stops the job as it does without slices."""
+    rows = [list(range(d * degree, (d + 1) * degree)) for d in range(world_size // degree)]
+    feature_groups = [dist.new_group(ranks, timeout=timeout) for ranks in rows]
+    columns = [[row[j] for row in rows] for j in range(degree)]
+    data_groups = [dist.new_group(ranks, timeout=timeout) for ranks in columns]
+    row, index = divmod(rank, degree)
+    shards = FeatureShards(index, degree, feature_groups[row], tuple(rows[row]))
+    return shards, data_groups[index]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -23,6 +23,7 @@ from drrik.evaluate import EvalTarget
 from drrik.geometric_median import geometric_median
 from drrik.l0_control import L0Controller
 from drrik.sae import SAE, DeadFeatureTracker, build_sae, resample_dead_features
+from drrik.sae.feature_shards import FeatureShards, reshard
 from drrik.sae.spec import DictionarySpec
 from drrik.schedules import build_lr_scheduler
 
@@ -75,10 +76,20 @@ class Learner:
 
     @classmethod
     def build(
-        cls, spec: DictionarySpec, cfg: TrainerConfig, total_steps: int, device: torch.device
+        cls,
+        spec: DictionarySpec,
+        cfg: TrainerConfig,
+        total_steps: int,
+        device: torch.device,
+        features: FeatureShards | None = None,
     ) -> Learner:
-        """A fresh dictionary for ``spec`` (its ``d_in`` filled); seed torch first."""
-        sae = build_sae(spec.sae, device=device).train()
+        """A fresh dictionary for ``spec`` (its ``d_in`` filled); seed torch first. With
+        ``features``, this rank's slice of it: the slice of the dictionary one process would
+        start from (built whole on the host, once)."""
+        if features is None:
+            sae = build_sae(spec.sae, device=device).train()
+        else:
+            sae = _slice_of(build_sae(spec.sae, device="cpu"), features).to(device).train()
         groups = [
             {"params": g["params"], "lr": cfg.lr * g.get("lr_scale", 1.0)}
             for g in sae.optimizer_groups()
@@ -170,10 +181,18 @@ class Learner:
             center = sample.mean(0) if mean else geometric_median(sample)
             self.sae.b_dec.copy_(center.to(self.sae.b_dec))
         target_l0 = self.spec.sae.target_l0
-        if target_l0 is not None and dist.is_main:  # after b_dec: the encoder subtracts it
-            sample = self._sample(stores[0], self.spec.reads)
+        sliced = self.sae.features is not None
+        if sliced:  # every slice starts as the whole dictionary would: b_dec from rank 0
+            dist.broadcast_(self._split()[1])
+        # After b_dec, which the encoder subtracts; every slice reads rank 0's sample.
+        if target_l0 is not None and (dist.is_main or sliced):
+            sample = self._sample(stores[0], self.spec.reads) if dist.is_main else None
+            if sliced:
+                shared = dist.from_main(None if sample is None else sample.cpu())
+                sample = shared.to(self.sae.b_dec.device)
             self.sae.start_near_l0((sample * self.scale).to(self.sae.b_dec.dtype), target_l0)
-        dist.broadcast_(list(self.sae.parameters()))
+        if not sliced:
+            dist.broadcast_(list(self.sae.parameters()))
 
     @staticmethod
     def _sample(store: Any, hooks: tuple[str, ...]) -> torch.Tensor:
@@ -215,20 +234,26 @@ class Learner:
         params = list(self.sae.parameters())
         dist.average_gradients(params)
         if self.cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+            features = self.sae.features
+            if features is None:
+                torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+            else:
+                features.clip_grad_norm_(*self._split(), self.cfg.max_grad_norm)
         self.sae.remove_parallel_decoder_grad()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.sae.normalize_decoder_rows()
         self.scheduler.step()
         with torch.no_grad():
-            fired = out.fired()
+            fired = out.fired()  # this rank's slice of the features
             if dist.enabled:
-                fired = dist.max_(fired.to(torch.uint8)).bool()
+                fired = dist.max_(fired.to(torch.uint8), data=True).bool()
                 for buffer in self.sae.buffers():  # e.g. BatchTopK's learned threshold
                     if buffer.is_floating_point():
-                        dist.average_(buffer)
+                        dist.average_(buffer, data=True)
             l0 = out.l0()
+            if self.sae.features is not None:
+                l0 = self.sae.features.sum_(l0.clone())
             if self.controller is not None and sparsity_warm_up >= 1:
                 self.controller.update(dist.average_(l0.clone()))
         self.tracker.record(fired, batch_size)
@@ -273,7 +298,8 @@ class Learner:
             for k, v in state.items()
             if isinstance(v, torch.Tensor) and k != "step"
         ]
-        dist.broadcast_(list(self.sae.parameters()) + moments)
+        # The ranks that hold the same slice agree; each slice resamples its own features.
+        dist.broadcast_(list(self.sae.parameters()) + moments, data=True)
 
     # -- logging -----------------------------------------------------------------------------
     def pending(self) -> tuple[list[str], torch.Tensor, torch.Tensor]:
@@ -286,12 +312,11 @@ class Learner:
             values.append(self.controller.coefficient)
         window = self.cfg.dead_feature_window
         assert self.nonfinite_step is not None, "pending() before the first step"
+        dead = self.tracker.dead_mask(window).sum().float()
+        if self.sae.features is not None:  # every slice's dead features
+            self.sae.features.sum_(dead)
         flags = torch.stack(
-            [
-                self.nonfinite_step.float(),
-                self.tracker.dead_mask(window).sum().float(),
-                self.tracker.tokens_since_fired.max().float(),
-            ]
+            [self.nonfinite_step.float(), dead, self.tracker.tokens_since_fired.max().float()]
         )
         return names, torch.stack(values), flags
 
@@ -319,17 +344,50 @@ class Learner:
             **{k: v / steps for k, v in values.items()},
         }
 
-    def eval_target(self) -> EvalTarget:
+    def eval_target(self, sae: SAE | None = None) -> EvalTarget:
+        """What the evaluator splices in: this dictionary, or ``sae`` (its whole, gathered)."""
         return EvalTarget(
             self.name,
             self.spec.input_hook,
-            self.sae,
+            self.sae if sae is None else sae,
             self.scale,
             self.spec.target_hook,
             self.target_scale,
             self.spec.reads,
             self.spec.writes,
         )
+
+    # -- feature slices ----------------------------------------------------------------------
+    def _split(self) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+        """(the parameters cut into feature slices, the ones whole on every rank)."""
+        sliced = {id(param) for param, _ in self.sae.feature_params()}
+        params = list(self.sae.parameters())
+        return [p for p in params if id(p) in sliced], [p for p in params if id(p) not in sliced]
+
+    def whole_sae(self) -> SAE | None:
+        """The whole dictionary, gathered from its slices onto rank 0 of its feature group
+        (``None`` on the others); itself without slices. Every rank of the group calls it."""
+        features = self.sae.features
+        if features is None:
+            return self.sae
+        axes = _feature_axes(self.sae)
+        state = {}
+        for name, tensor in self.sae.state_dict().items():
+            state[name] = (
+                tensor if name not in axes else features.gather_to_first(tensor, axes[name])
+            )
+        if features.index != 0:
+            return None
+        with torch.random.fork_rng(devices=[]):  # its random start is overwritten
+            whole = build_sae(self.spec.sae, device=self.sae.b_dec.device)
+        whole.load_state_dict(state)
+        return whole.train(self.sae.training)
+
+    def gather_whole(self) -> None:
+        """After training: hold the whole dictionary on rank 0 (for evaluation and export)."""
+        whole = self.whole_sae()
+        if whole is not None:
+            self.sae = whole
 
     # -- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -343,6 +401,38 @@ class Learner:
             "target_scale": self.target_scale,
             **({} if self.controller is None else {"controller": self.controller.state_dict()}),
         }
+
+    def resliced(self, parts: list[dict[str, Any]]) -> dict[str, Any]:
+        """This rank's state from a checkpoint's ``parts`` (slices in order, or one whole
+        state): any slice count resumes on any other that divides the width."""
+        features = self.sae.features
+        index, count = (0, 1) if features is None else (features.index, features.count)
+        if len(parts) == 1 and count == 1:
+            return parts[0]
+        axes = _feature_axes(self.sae)
+
+        def cut(axis: int | None, pick: Any) -> Any:
+            return reshard([pick(part) for part in parts], axis, index, count)
+
+        saved = dict(parts[0])
+        saved["sae"] = {k: cut(axes.get(k), lambda p, k=k: p["sae"][k]) for k in parts[0]["sae"]}
+        names = {id(p): n for n, p in self.sae.named_parameters()}
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        optimizer = parts[0]["optimizer"]
+        state = {}
+        for i, per_param in optimizer["state"].items():
+            axis = axes.get(names[id(params[i])])
+            state[i] = {
+                k: cut(axis, lambda p, i=i, k=k: p["optimizer"]["state"][i][k])
+                if isinstance(v, torch.Tensor) and v.dim() > 0
+                else v
+                for k, v in per_param.items()
+            }
+        saved["optimizer"] = {**optimizer, "state": state}
+        saved["tracker"] = {
+            "tokens_since_fired": cut(0, lambda p: p["tracker"]["tokens_since_fired"])
+        }
+        return saved
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         require(
@@ -360,3 +450,30 @@ class Learner:
         self.target_scale = saved.get("target_scale", self.scale)  # SAE checkpoints lack it
         if self.controller is not None:
             self.controller.load_state_dict(saved["controller"])
+
+
+def _feature_axes(sae: SAE) -> dict[str, int]:
+    """Per-feature axis of ``sae``'s sliced tensors, by state-dict name."""
+    names = {id(p): n for n, p in sae.named_parameters()}
+    return {names[id(param)]: axis for param, axis in sae.feature_params()}
+
+
+def _slice_of(whole: SAE, features: FeatureShards) -> SAE:
+    """This rank's slice of ``whole``: a dictionary of ``d_sae / count`` features whose
+    forward pass joins the slices (``features``)."""
+    cfg = whole.cfg
+    per_rank = whole.d_sae // features.count
+    local_cfg = replace(cfg, d_sae=per_rank, expansion_factor=None, aux_k=cfg.resolved_aux_k())
+    with torch.random.fork_rng(devices=[]):  # its random start is overwritten
+        part = build_sae(local_cfg, device="cpu")
+    axes = _feature_axes(whole)
+    part.load_state_dict(
+        {
+            name: tensor
+            if name not in axes
+            else tensor.narrow(axes[name], features.index * per_rank, per_rank)
+            for name, tensor in whole.state_dict().items()
+        }
+    )
+    part.features = features
+    return part

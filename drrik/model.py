@@ -93,7 +93,8 @@ def gguf_to_hf_dir(gguf: Path) -> Path:
 
     transformers refuses to ``save_pretrained`` a GGUF-loaded model, so the weights are copied
     into a fresh model built from the same config without its quantization entry. The directory
-    is written next to its final place and renamed, so an interrupted conversion leaves nothing.
+    is written next to its final place and renamed, so an interrupted conversion leaves nothing
+    and of two processes converting at once, the first to finish wins.
     """
     target = _gguf_cache_dir(gguf)
     if (target / "config.json").exists():
@@ -114,7 +115,12 @@ def gguf_to_hf_dir(gguf: Path) -> Path:
     try:
         plain.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        os.replace(staging, target)
+        try:
+            os.replace(staging, target)
+        except OSError:
+            # Another process (a second torchrun rank, a parallel test) converted it first.
+            if not (target / "config.json").exists():
+                raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target

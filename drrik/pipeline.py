@@ -59,6 +59,8 @@ def train_run(run: Run) -> Metrics:
         run.heartbeat("running")
         try:
             Trainer(run, logger).train()
+            for learner in run.learners:  # feature slices come together on rank 0
+                learner.gather_whole()
             metrics: Metrics = {}
             if run.evaluator is not None:
                 targets = [learner.eval_target() for learner in run.learners]

@@ -84,13 +84,28 @@ def store_part(shard: int) -> str:
     return f"store-{shard:05d}.pt"
 
 
+def slice_part(slot: int, index: int, count: int) -> str:
+    """The checkpoint file holding one feature slice of one dictionary (its parameters,
+    optimizer moments and dead-feature counters)."""
+    return f"slot-{slot:03d}-features-{index:03d}-of-{count:03d}.pt"
+
+
+def _slot_state(run: Run, slot: int, learner: Learner) -> dict[str, Any]:
+    """A dictionary's state in ``state.pt``: all of it, or the names of its slices' parts."""
+    features = run.dist.features
+    if features is None:
+        return learner.state_dict()
+    count = features.count
+    return {"name": learner.name, "slices": [slice_part(slot, j, count) for j in range(count)]}
+
+
 def run_state(run: Run) -> dict[str, Any]:
-    """Everything but the data shards, which each rank writes apart."""
+    """Everything but the data shards and feature slices, which each rank writes apart."""
     return {
         "step": run.progress.step,
         "tokens": run.progress.tokens,
         "elapsed": run.progress.elapsed,
-        "slots": [learner.state_dict() for learner in run.learners],
+        "slots": [_slot_state(run, i, learner) for i, learner in enumerate(run.learners)],
         "store_parts": {
             shard: store_part(shard) for shard in range(run.cfg.distributed.data_shards)
         },
@@ -110,6 +125,14 @@ def save_checkpoint(run: Run, extra: dict[str, Any]) -> Path | None:
         run.checkpoints.write_part(step, store_part(shard), store.state_dict())
         for shard, store in zip(run.shards, run.stores, strict=True)
     ]
+    features = run.dist.features
+    if features is not None and run.dist.rank < features.count:  # the first data group's
+        parts += [
+            run.checkpoints.write_part(
+                step, slice_part(i, features.index, features.count), learner.state_dict()
+            )
+            for i, learner in enumerate(run.learners)
+        ]
     gathered = run.dist.gather(parts)
     path = None
     if gathered is not None:
@@ -137,7 +160,9 @@ def restore(run: Run) -> bool:
     run.progress.step, run.progress.tokens = state["step"], state["tokens"]
     run.progress.elapsed = state["elapsed"]
     for learner, saved in zip(run.learners, state["slots"], strict=True):
-        learner.load_state_dict(saved)
+        slices = saved.get("slices")
+        parts = [saved] if slices is None else [run.checkpoints.load_part(n) for n in slices]
+        learner.load_state_dict(learner.resliced(parts))
     for shard, store in zip(run.shards, run.stores, strict=True):
         store.load_state_dict(run.checkpoints.load_part(state["store_parts"][shard]))
     set_rng_state(state["rng"])

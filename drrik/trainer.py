@@ -132,11 +132,16 @@ class Trainer:
         )
 
     def _next_batch(self) -> dict[str, torch.Tensor]:
-        """This rank's share of the global batch: its shards' batches, in shard order."""
+        """This rank's share of the global batch: its shards' batches, in shard order (with
+        feature slices, its feature group's share, every rank's in rank order)."""
         batches = [store.next_batch().acts for store in self.run.stores]
-        if len(batches) == 1:
-            return batches[0]
-        return {hook: torch.cat([b[hook] for b in batches]) for hook in batches[0]}
+        acts = batches[0]
+        if len(batches) > 1:
+            acts = {hook: torch.cat([b[hook] for b in batches]) for hook in batches[0]}
+        features = self.run.dist.features
+        if features is not None:  # a feature group trains on its ranks' rows together
+            acts = {hook: features.gather_rows(rows) for hook, rows in acts.items()}
+        return acts
 
     def _agree(self, stopping: bool, clock_due: bool) -> tuple[bool, bool]:
         """Whether any rank was signalled, and whether rank 0's clock says checkpoint."""
@@ -170,12 +175,14 @@ class Trainer:
                     **row,
                 }
             )
+        # Every rank gathers its feature slices; rank 0 evaluates the whole dictionaries.
+        wholes = [learner.whole_sae() for learner in run.learners] if eval_due else []
         if not run.dist.is_main:
             if eval_due:
                 run.dist.wait_for_main()  # rank 0 evaluates alone
             return
         if eval_due:
-            self._add_eval(rows)
+            self._add_eval(rows, wholes)
         run.run_dir.append_metrics(rows)
         self.logger.log_rows(rows)
         run.heartbeat("running")
@@ -183,13 +190,17 @@ class Trainer:
         if eval_due:
             run.dist.wait_for_main()
 
-    def _add_eval(self, rows: list[dict[str, Any]]) -> None:
-        """Held-out metrics of every dictionary into its row, densities to wandb (rank 0)."""
+    def _add_eval(self, rows: list[dict[str, Any]], wholes: list[Any]) -> None:
+        """Held-out metrics of every dictionary (``wholes``: each one whole) into its row,
+        densities to wandb (rank 0)."""
         run = self.run
         assert run.evaluator is not None, "rank 0 holds the evaluator"
         run.heartbeat("running")  # an evaluation can outlast the stale limit
         start = self.clock()
-        metrics, densities = run.evaluator([learner.eval_target() for learner in run.learners])
+        targets = [
+            learner.eval_target(sae) for learner, sae in zip(run.learners, wholes, strict=True)
+        ]
+        metrics, densities = run.evaluator(targets)
         seconds = self.clock() - start  # of every dictionary's evaluation, next to elapsed_s
         for row in rows:
             row.update({f"eval/{k}": v for k, v in metrics[row["sae"]].items()})

@@ -195,15 +195,25 @@ class CheckpointConfig(Serializable):
 
 @dataclass
 class DistributedConfig(Serializable):
-    """Data parallelism under torchrun: how the data is split and how long ranks may wait."""
+    """Parallelism under torchrun: how the data and the features are split, and how long ranks
+    may wait."""
 
     data_shards: int = 0
     """Disjoint data streams per step, a multiple of the process count (0: one per process)."""
+    feature_parallel: int = 1
+    """Split each dictionary's features over this many ranks (it must divide d_sae and the
+    process count); the other factor of the process count splits the data."""
     distributed_timeout_minutes: float = 10.0
     """A collective that waits longer than this (dead or hung rank) stops the job."""
 
     def __post_init__(self) -> None:
         require(self.data_shards >= 0, "data_shards", self.data_shards, "use >= 0")
+        require(
+            self.feature_parallel >= 1,
+            "feature_parallel",
+            self.feature_parallel,
+            "use 1 (every rank holds all features) or more",
+        )
         require(
             self.distributed_timeout_minutes > 0,
             "distributed_timeout_minutes",

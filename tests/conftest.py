@@ -135,3 +135,17 @@ def docs():
         n = int(torch.randint(5, 60, (1,), generator=g))
         texts.append(" ".join(words[i] for i in torch.randint(0, len(words), (n,), generator=g)))
     return Dataset.from_dict({"text": texts})
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small saved dataset, so each torchrun process starts fast."""
+    from datasets import Dataset
+
+    words = "the cat sat on a mat while every dog ran to the old red barn by noon".split()
+    texts = [
+        " ".join(words[(i * 3 + j) % len(words)] for j in range(20 + i % 30)) for i in range(400)
+    ]
+    path = tmp_path_factory.mktemp("corpus") / "data"
+    Dataset.from_dict({"text": texts}).save_to_disk(str(path))
+    return path

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from datasets import Dataset
 from safetensors.torch import load_file
 
 from drrik.checkpoint import CheckpointManager
@@ -28,18 +27,6 @@ from drrik.run_dir import RunDir
 
 TOLERANCE = 1e-5
 WAIT_S = 300
-
-
-@pytest.fixture(scope="module")
-def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small saved dataset, so each process starts fast."""
-    words = "the cat sat on a mat while every dog ran to the old red barn by noon".split()
-    texts = [
-        " ".join(words[(i * 3 + j) % len(words)] for j in range(20 + i % 30)) for i in range(400)
-    ]
-    path = tmp_path_factory.mktemp("corpus") / "data"
-    Dataset.from_dict({"text": texts}).save_to_disk(str(path))
-    return path
 
 
 def _args(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
@@ -193,10 +180,7 @@ def test_resume_with_another_world_size_is_exact(
     job = _torchrun(_args(tiny_model_dir, corpus_dir, out), stdout=subprocess.PIPE,
                     stderr=subprocess.STDOUT)  # fmt: skip
     manager = CheckpointManager(out, keep=3)
-    deadline = time.time() + WAIT_S
-    while not RunDir(out).checkpoints() and time.time() < deadline and job.poll() is None:
-        time.sleep(0.2)
-    assert RunDir(out).checkpoints(), "no checkpoint appeared"
+    wait_for_checkpoint(job, out)
     job.send_signal(signal.SIGTERM)
     job.communicate(timeout=WAIT_S)
     assert manager.load_latest() is not None
@@ -205,20 +189,19 @@ def test_resume_with_another_world_size_is_exact(
     _assert_close(_weights(out), _weights(two))
 
 
-def test_a_dead_rank_stops_the_job_with_the_checkpoint_intact(
-    tiny_model_dir: Path, corpus_dir: Path, tmp_path: Path
-) -> None:
-    out = tmp_path / "killed"
-    job = _torchrun(
-        _args(tiny_model_dir, corpus_dir, out, "--training-tokens", "200000"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    manager = CheckpointManager(out, keep=3)
+def wait_for_checkpoint(job: subprocess.Popen, out: Path) -> None:
+    """Until ``job`` has written its first checkpoint into ``out``."""
     deadline = time.time() + WAIT_S
     while not RunDir(out).checkpoints() and time.time() < deadline and job.poll() is None:
         time.sleep(0.2)
     assert RunDir(out).checkpoints(), "no checkpoint appeared"
+
+
+def kill_one_rank(args: list[str], out: Path) -> dict:
+    """Start a long two-process job, SIGKILL one rank after its first checkpoint, and check
+    that the job stops in bounded time; return the manifest of its newest intact checkpoint."""
+    job = _torchrun(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    wait_for_checkpoint(job, out)
     workers = subprocess.run(
         ["pgrep", "-P", str(job.pid)], capture_output=True, text=True
     ).stdout.split()
@@ -228,5 +211,13 @@ def test_a_dead_rank_stops_the_job_with_the_checkpoint_intact(
     job.communicate(timeout=WAIT_S)
     assert job.returncode != 0
     assert time.time() - started < 120, "the job did not stop in bounded time"
-    state = manager.load_latest()
+    state = CheckpointManager(out, keep=3).load_latest()
     assert state is not None and state[1]["step"] > 0
+    return state[1]
+
+
+def test_a_dead_rank_stops_the_job_with_the_checkpoint_intact(
+    tiny_model_dir: Path, corpus_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "killed"
+    kill_one_rank(_args(tiny_model_dir, corpus_dir, out, "--training-tokens", "200000"), out)

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from drrik.sae import saving
 from drrik.sae.config import SAEConfig
+from drrik.sae.feature_shards import FeatureShards
 from drrik.sae.registry import sae_class
 
 DECODER_INIT_NORM = 0.1
@@ -121,6 +122,9 @@ class SAE(nn.Module):
     """Whether the config must set ``k``."""
     supports_ghost_grads: ClassVar[bool] = False
     """Whether ``use_ghost_grads`` is allowed."""
+    features: FeatureShards | None = None
+    """Set when this module holds one slice of a feature-parallel dictionary: the forward
+    pass then joins the slices with collectives (:mod:`drrik.sae.feature_shards`)."""
 
     @classmethod
     def default_normalize_decoder(cls, cfg: SAEConfig) -> bool:
@@ -166,7 +170,15 @@ class SAE(nn.Module):
         One fused op, so under autocast the ``batch x d_sae`` result and everything computed
         from it stay in bf16 (a separate fp32 bias add would promote them all to fp32).
         """
-        return torch.nn.functional.linear(self.sae_in(x), self.W_enc.t(), self.b_enc)
+        return torch.nn.functional.linear(self.entered(self.sae_in(x)), self.W_enc.t(), self.b_enc)
+
+    def entered(self, sae_in: Tensor) -> Tensor:
+        """The encoder's input as this slice of the features reads it (see ``features``)."""
+        return sae_in if self.features is None else self.features.enter(sae_in)
+
+    def joined(self, partial: Tensor) -> Tensor:
+        """A sum over features (a decoder output, an L1) completed over every slice."""
+        return partial if self.features is None else self.features.join(partial)
 
     def encode(self, x: Tensor) -> Tensor:
         """Feature activations ``[..., d_sae]`` for inputs ``[..., d_in]``."""
@@ -174,7 +186,7 @@ class SAE(nn.Module):
 
     def decode(self, feature_acts: Tensor) -> Tensor:
         """Reconstruction ``feature_acts @ W_dec + b_dec``."""
-        return feature_acts @ self.W_dec + self.b_dec
+        return self.joined(feature_acts @ self.W_dec) + self.b_dec
 
     def skip(self, x: Tensor) -> Tensor | None:
         """The skip connection's term ``x @ W_skip.T``, or ``None`` without one."""
@@ -239,7 +251,7 @@ class SAE(nn.Module):
         per_feature = per_feature.to(torch.promote_types(acts.dtype, torch.float32))
         if weights is not None:
             per_feature = per_feature * weights
-        return per_feature.sum() / (acts.numel() // self.d_sae)
+        return self.joined(per_feature.sum()) / (acts.numel() // self.d_sae)
 
     @staticmethod
     def mse(x_hat: Tensor, x: Tensor) -> Tensor:

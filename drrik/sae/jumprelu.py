@@ -150,6 +150,8 @@ class JumpReLUSAE(SAE):
         controller only has the rest to do. A feature whose quantile is not above the
         configured start keeps that start."""
         per_token = START_L0_FACTOR * target_l0 * self.cfg.l0_units()
+        if self.features is not None:  # this slice's share of the features that fire
+            per_token /= self.features.count
         quantile = firing_quantile(self.pre_acts(x), per_token)
         start = torch.full_like(quantile, self.cfg.jumprelu_init_threshold)
         self.log_threshold.copy_(torch.maximum(quantile, start).log())

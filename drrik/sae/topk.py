@@ -142,8 +142,29 @@ class TopKSAE(SAE):
 
     def activation(self, pre: Tensor) -> Tensor:
         """Keep each row's k largest values (after ReLU), zero the rest."""
-        values, indices = pre.topk(self.k, dim=-1)
+        values, indices = self.top(pre, self.k)
         return torch.zeros_like(pre).scatter(-1, indices, values.relu())
+
+    def top(self, pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Each row's ``k`` largest values and their indices; over every slice of a
+        feature-parallel dictionary, this slice's candidates, zero outside the global top k."""
+        if self.features is None:
+            return pre.topk(k, dim=-1)
+        values, indices, mine, _ = self.features.topk(pre, k)
+        return torch.where(mine, values, 0.0), indices
+
+    def _picked(self, ranked: Tensor, k: int) -> tuple[Tensor, Tensor | None]:
+        """The sparse path's selection: indices of each row's top ``k`` (this slice's
+        candidates, with the mask of those in the global top k, under feature slices)."""
+        if self.features is None:
+            return ranked.topk(k, dim=-1).indices, None
+        _, indices, mine, _ = self.features.topk(ranked, k)
+        return indices, mine
+
+    def _aux_due(self, dead_mask: Tensor | None) -> bool:
+        """Whether to compute AuxK: some feature may be dead. Every slice of a
+        feature-parallel dictionary computes it (its collectives must run on all)."""
+        return dead_mask is not None and (self.features is not None or _any_dead(dead_mask))
 
     def encode(self, x: Tensor) -> Tensor:
         return self.activation(self.scaled_pre_acts(x))
@@ -154,7 +175,7 @@ class TopKSAE(SAE):
         rows = self.W_dec[features]
         if self.rescale_by_decoder_norm:
             feature_acts = feature_acts / self.decoder_norms()[features].clamp_min(1e-12)
-        return feature_acts @ rows
+        return self.joined(feature_acts @ rows)
 
     def decode(self, feature_acts: Tensor) -> Tensor:
         return self.decode_directions(feature_acts) + self.b_dec
@@ -192,14 +213,14 @@ class TopKSAE(SAE):
         Scaled by ``min(n_dead / aux_k, 1)`` so it fades out as features revive, and is zero
         with no dead features (or no mask yet), all without a host sync.
         """
-        if dead_mask is None or not _any_dead(dead_mask):
+        if not self._aux_due(dead_mask):
             return x_hat.new_zeros(())
         aux_k = self.cfg.resolved_aux_k()
         residual = (target - x_hat).detach()
-        values, indices = torch.where(dead_mask, pre, float("-inf")).topk(aux_k, dim=-1)
+        values, indices = self.top(torch.where(dead_mask, pre, float("-inf")), aux_k)
         aux_acts = torch.zeros_like(pre).scatter(-1, indices, values.relu())
         aux_err = (self.decode_directions(aux_acts) - residual).pow(2).sum(dim=-1).mean()
-        scale = (dead_mask.sum() / aux_k).clamp(max=1.0)
+        scale = (self.joined(dead_mask.sum().float()) / aux_k).clamp(max=1.0)
         return self.cfg.aux_k_coefficient * scale * aux_err
 
     # ---- the sparse training path ---------------------------------------------------------
@@ -219,14 +240,14 @@ class TopKSAE(SAE):
         if norms is not None:
             values = values / _take(norms, idx).clamp_min(1e-12)
         out = F.embedding_bag(idx, self.W_dec.detach(), per_sample_weights=values, mode="sum")
-        return _DecoderGrad.apply(out, idx, values.detach(), self.W_dec)
+        return self.joined(_DecoderGrad.apply(out, idx, values.detach(), self.W_dec))
 
     def _sparse_training_forward(
         self, x: Tensor, dead_mask: Tensor | None, target: Tensor
     ) -> TrainOutput:
         """Same losses and gradients as the dense path, touching only selected features."""
         k = self.k
-        sae_in = self.sae_in(x)
+        sae_in = self.entered(self.sae_in(x))
         norms = self.decoder_norms() if self.rescale_by_decoder_norm else None
         with torch.no_grad():
             if norms is None:
@@ -236,12 +257,12 @@ class TopKSAE(SAE):
                 # d_in x d_sae product instead of one over the whole batch x d_sae.
                 row_norms = norms.detach()
                 ranked = torch.addmm(self.b_enc * row_norms, sae_in, self.W_enc * row_norms)
-            idx = ranked.topk(k, dim=-1).indices
-            aux = _any_dead(dead_mask)
+            idx, mine = self._picked(ranked, k)
+            aux = self._aux_due(dead_mask)
             if aux:
                 aux_k = self.cfg.resolved_aux_k()
                 masked = torch.where(dead_mask, ranked, float("-inf"))  # type: ignore[arg-type]
-                aux_idx = masked.topk(aux_k, dim=-1).indices
+                aux_idx, aux_mine = self._picked(masked, aux_k)
                 idx_all = torch.cat([idx, aux_idx], dim=1)
             else:
                 idx_all = idx
@@ -253,14 +274,20 @@ class TopKSAE(SAE):
         if norms is not None:
             gathered = gathered * taken
         values = gathered[:, :k].relu()
+        if mine is not None:  # another slice's features won these places
+            values = torch.where(mine, values, 0.0)
         x_hat = self._sparse_decode(idx, values, norms) + self.b_dec
         losses = {"mse_loss": self.mse(x_hat, target)}
         if aux:
             residual = (target - x_hat).detach()
             # Fewer dead features than aux_k: the rest of the selection must not count.
-            aux_values = torch.where(dead_mask[aux_idx], gathered[:, k:].relu(), 0.0)
+            counted = dead_mask[aux_idx]  # type: ignore[index]
+            if aux_mine is not None:
+                counted = counted & aux_mine
+            aux_values = torch.where(counted, gathered[:, k:].relu(), 0.0)
             aux_err = (self._sparse_decode(aux_idx, aux_values, norms) - residual).pow(2)
-            scale = (dead_mask.sum() / aux_k).clamp(max=1.0)  # type: ignore[union-attr]
+            dead = self.joined(dead_mask.sum().float())  # type: ignore[union-attr]
+            scale = (dead / aux_k).clamp(max=1.0)
             losses["aux_loss"] = self.cfg.aux_k_coefficient * scale * aux_err.sum(-1).mean()
         else:
             losses["aux_loss"] = x_hat.new_zeros(())
