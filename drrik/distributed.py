@@ -144,43 +144,51 @@ class Distributed:
                     f"collective of a group on {self.collective_device}"
                 )
 
+    def _reach(self, data: bool) -> tuple[bool, Any, int]:
+        """(whether a collective has other ranks to reach, its group, the group's size) over
+        every rank, or with ``data`` over the data group (every rank without slices)."""
+        if not data or self.features is None:
+            return self.enabled, None, self.world_size
+        return self.data_size > 1, self.data_group, self.data_size
+
     def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
         """Average gradients over the data group in one flat all-reduce."""
         grads = [p.grad for p in params if p.grad is not None]
-        if self.data_size == 1 or not grads:
+        reach, group, size = self._reach(data=True)
+        if not reach or not grads:
             return
         self.check_placement(grads)
         flat = _flatten_dense_tensors(grads)
-        dist.all_reduce(flat, group=self.data_group)
-        flat.div_(self.data_size)
+        dist.all_reduce(flat, group=group)
+        flat.div_(size)
         for grad, synced in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
             grad.copy_(synced)
 
     def average_(self, tensor: torch.Tensor, data: bool = False) -> torch.Tensor:
         """The mean over every rank (``data``: over the data group, whose ranks hold the same
         feature slice)."""
-        size = self.data_size if data else self.world_size
-        if size > 1:
+        reach, group, size = self._reach(data)
+        if reach:
             self.check_placement([tensor])
-            dist.all_reduce(tensor, group=self.data_group if data else None)
+            dist.all_reduce(tensor, group=group)
             tensor.div_(size)
         return tensor
 
     def max_(self, tensor: torch.Tensor, data: bool = False) -> torch.Tensor:
         """The maximum over every rank (``data``: over the data group)."""
-        if (self.data_size if data else self.world_size) > 1:
+        reach, group, _ = self._reach(data)
+        if reach:
             self.check_placement([tensor])
-            group = self.data_group if data else None
             dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
         return tensor
 
     def broadcast_(self, tensors: list[torch.Tensor], data: bool = False) -> None:
         """Make every rank's tensors equal to rank 0's (``data``: to the data group's first
         rank's, which holds the same feature slice)."""
-        if (self.data_size if data else self.world_size) > 1:
+        reach, group, _ = self._reach(data)
+        if reach:
             self.check_placement(tensors)
-            group = self.data_group if data else None
-            source = self.features.index if data and self.features is not None else 0
+            source = 0 if group is None else self.features.index  # type: ignore[union-attr]
             for tensor in tensors:
                 dist.broadcast(tensor, src=source, group=group)
 
