@@ -168,16 +168,30 @@ def measure_forward(name: str, fam: Family, layers: int, prompts: int, rounds: i
     del model, fns
     gc.collect()
     return {
+        **forward_result(name, built, vocab, tokens.numel(), hooks, runs),
+        "peak_rss_gib": peak / GIB,
+    }
+
+
+def forward_result(
+    name: str,
+    built: int,
+    vocab: int,
+    tokens_per_batch: int,
+    hooks: dict[str, int],
+    runs: dict[str, list[float]],
+) -> dict[str, Any]:
+    """A family's forward timings: tokens/s to each hook (``hooks``: hook -> block index)."""
+    return {
         "family": name,
         "layers_built": built,
         "vocab_built": vocab,
-        "tokens_per_batch": tokens.numel(),
+        "tokens_per_batch": tokens_per_batch,
         "points": [
             {"hook": hook, "blocks_run": i + 1, "tokens_per_s": statistics.median(runs[hook])}
             for hook, i in hooks.items()
         ],
         "tokens_per_s_rounds": runs,
-        "peak_rss_gib": peak / GIB,
     }
 
 
