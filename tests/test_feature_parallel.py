@@ -107,6 +107,23 @@ def test_two_feature_slices_train_the_same_dictionary_as_one_process(
     assert not torch.equal(halves[0]["sae"]["W_dec"], halves[1]["sae"]["W_dec"])
 
 
+def test_slices_resample_their_own_dead_features(
+    tiny_model_dir: Path, corpus_dir: Path, tmp_path: Path
+) -> None:
+    """Resampling on slices: each draws its own inputs for its own dead features (so no
+    equality with one process), and the run trains through it."""
+    out = tmp_path / "resampled"
+    args = "--architecture relu --expansion-factor 4 --dead-feature-window 256"
+    job = _torchrun(_args(tiny_model_dir, corpus_dir, out, *args.split(), *SHORT,
+                          "--resample-every-tokens", "1024", "--feature-parallel", "2"),
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    output, _ = job.communicate(timeout=WAIT_S)
+    assert job.returncode == 0, output[-3000:]
+    weights = _weights(out)
+    assert weights["W_enc"].shape == (64, 256)
+    assert all(torch.isfinite(t).all() for t in weights.values())
+
+
 def test_a_data_by_features_mesh_trains_the_same_dictionary_as_one_process(
     tiny_model_dir: Path, corpus_dir: Path, tmp_path: Path
 ) -> None:
