@@ -107,23 +107,6 @@ def test_two_feature_slices_train_the_same_dictionary_as_one_process(
     assert not torch.equal(halves[0]["sae"]["W_dec"], halves[1]["sae"]["W_dec"])
 
 
-def test_slices_resample_their_own_dead_features(
-    tiny_model_dir: Path, corpus_dir: Path, tmp_path: Path
-) -> None:
-    """Resampling on slices: each draws its own inputs for its own dead features (so no
-    equality with one process), and the run trains through it."""
-    out = tmp_path / "resampled"
-    args = "--architecture relu --expansion-factor 4 --dead-feature-window 256"
-    job = _torchrun(_args(tiny_model_dir, corpus_dir, out, *args.split(), *SHORT,
-                          "--resample-every-tokens", "1024", "--feature-parallel", "2"),
-                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
-    output, _ = job.communicate(timeout=WAIT_S)
-    assert job.returncode == 0, output[-3000:]
-    weights = _weights(out)
-    assert weights["W_enc"].shape == (64, 256)
-    assert all(torch.isfinite(t).all() for t in weights.values())
-
-
 def test_a_data_by_features_mesh_trains_the_same_dictionary_as_one_process(
     tiny_model_dir: Path, corpus_dir: Path, tmp_path: Path
 ) -> None:
@@ -173,11 +156,14 @@ def test_a_feature_parallel_run_resumes_on_another_slice_count(
 def test_a_killed_rank_stops_the_feature_parallel_job(
     tiny_model_dir: Path, corpus_dir: Path, tmp_path: Path
 ) -> None:
+    """Also resampling on slices (each draws inputs for its own dead features, so there is no
+    equality with one process to check): the job trains through it to its first checkpoint."""
     out = tmp_path / "killed"
-    args = _args(tiny_model_dir, corpus_dir, out, *CASES["topk"].split(), "--feature-parallel", "2",
-                 "--training-tokens", "200000")  # fmt: skip
+    args = _args(tiny_model_dir, corpus_dir, out, *CASES["topk"].split(), "--feature-parallel",
+                 "2", "--resample-every-tokens", "1024", "--training-tokens", "200000")  # fmt: skip
     manifest = kill_one_rank(args, out)
     assert {slice_part(0, j, 2) for j in range(2)} <= manifest["files"].keys()
+    assert manifest["tokens"] > 1024  # past the resampling
 
 
 # -- bad input, before anything loads ---------------------------------------------------------
