@@ -467,11 +467,10 @@ def _slice_of(whole: SAE, features: FeatureShards) -> SAE:
     with torch.random.fork_rng(devices=[]):  # its random start is overwritten
         part = build_sae(local_cfg, device="cpu")
     axes = _feature_axes(whole)
+    index, count = features.index, features.count
     part.load_state_dict(
         {
-            name: tensor
-            if name not in axes
-            else tensor.narrow(axes[name], features.index * per_rank, per_rank)
+            name: reshard([tensor], axes.get(name), index, count)
             for name, tensor in whole.state_dict().items()
         }
     )

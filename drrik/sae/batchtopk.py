@@ -52,12 +52,8 @@ class BatchTopKSAE(TopKSAE):
         """Keep the ``k * tokens`` largest ReLU'd activations of the batch; also return them."""
         flat = pre.relu().flatten()
         n_keep = self.k * (flat.numel() // self.d_sae)
-        if self.features is None:
-            values, indices = flat.topk(n_keep)
-            kept = values
-        else:  # the batch's top over every slice; ``kept`` is the same on each
-            values, indices, mine, kept = self.features.topk(flat, n_keep)
-            values = torch.where(mine, values, 0.0)
+        # Over every slice of a feature-parallel dictionary; ``kept`` is the same on each.
+        values, indices, kept = self.top(flat, n_keep)
         return torch.zeros_like(flat).scatter(0, indices, values).view_as(pre), kept
 
     def activation(self, pre: Tensor) -> Tensor:

@@ -142,16 +142,18 @@ class TopKSAE(SAE):
 
     def activation(self, pre: Tensor) -> Tensor:
         """Keep each row's k largest values (after ReLU), zero the rest."""
-        values, indices = self.top(pre, self.k)
+        values, indices, _ = self.top(pre, self.k)
         return torch.zeros_like(pre).scatter(-1, indices, values.relu())
 
-    def top(self, pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        """Each row's ``k`` largest values and their indices; over every slice of a
-        feature-parallel dictionary, this slice's candidates, zero outside the global top k."""
+    def top(self, pre: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Each row's ``k`` largest values, their indices, and the ``k`` largest values
+        themselves; over every slice of a feature-parallel dictionary, this slice's
+        candidates (zero outside the global top k) and the global top k."""
         if self.features is None:
-            return pre.topk(k, dim=-1)
-        values, indices, mine, _ = self.features.topk(pre, k)
-        return torch.where(mine, values, 0.0), indices
+            values, indices = pre.topk(k, dim=-1)
+            return values, indices, values
+        values, indices, mine, kept = self.features.topk(pre, k)
+        return torch.where(mine, values, 0.0), indices, kept
 
     def _picked(self, ranked: Tensor, k: int) -> tuple[Tensor, Tensor | None]:
         """The sparse path's selection: indices of each row's top ``k`` (this slice's
@@ -217,7 +219,7 @@ class TopKSAE(SAE):
             return x_hat.new_zeros(())
         aux_k = self.cfg.resolved_aux_k()
         residual = (target - x_hat).detach()
-        values, indices = self.top(torch.where(dead_mask, pre, float("-inf")), aux_k)
+        values, indices, _ = self.top(torch.where(dead_mask, pre, float("-inf")), aux_k)
         aux_acts = torch.zeros_like(pre).scatter(-1, indices, values.relu())
         aux_err = (self.decode_directions(aux_acts) - residual).pow(2).sum(dim=-1).mean()
         scale = (self.joined(dead_mask.sum().float()) / aux_k).clamp(max=1.0)
